@@ -1,0 +1,1 @@
+"""Cloud tier: bigger models, and training them (reference CNNs, reduced-data learners)."""

@@ -1,0 +1,1 @@
+"""Edge tier: ingest frames from the broker, denoise, reduce, classify or forward."""

@@ -1,0 +1,115 @@
+"""Taking frames off the broker: a subscriber whose callback only fills a bounded queue."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import time
+from dataclasses import dataclass
+
+from publishers import mqtt as mqttlib
+from publishers import topics, wire
+from publishers.errors import FrameDecodeError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One MQTT message as it arrived: topic, raw payload, local arrival time (ns, UTC)."""
+
+    topic: str
+    payload: bytes
+    arrival_ns: int
+
+
+class Subscriber:
+    """An MQTT client subscribed to one filter, feeding a bounded queue.
+
+    The paho callback never blocks: when the queue is full the message is
+    dropped and counted under `dropped["queue_full"]`. Consumers call
+    `get_batch()` from their own thread.
+    """
+
+    def __init__(
+        self,
+        mqtt_cfg: mqttlib.MqttConfig,
+        client_id: str,
+        topic_filter: str = topics.FRAMES_FILTER,
+        max_queue: int = 10_000,
+        persistent: bool = False,
+        status_component: str | None = None,
+    ) -> None:
+        self.mqtt_cfg = mqtt_cfg
+        self.topic_filter = topic_filter
+        self.persistent = persistent
+        self.queue: queue.Queue[Received] = queue.Queue(maxsize=max_queue)
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.received = 0
+        self.connects = 0
+        self._client = mqttlib.make_client(mqtt_cfg, client_id, status_component=status_component)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            logger.warning("subscriber refused by broker: %s", reason_code)
+            return
+        self.connects += 1
+        # paho's documented pattern: (re)subscribe on every connect. Non-blocking.
+        client.subscribe(self.topic_filter, qos=self.mqtt_cfg.qos)
+
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        self.received += 1
+        try:
+            self.queue.put_nowait(Received(message.topic, message.payload, time.time_ns()))
+        except queue.Full:
+            self.dropped["queue_full"] += 1
+
+    def start(self) -> "Subscriber":
+        mqttlib.start(self._client, self.mqtt_cfg, persistent=self.persistent)
+        return self
+
+    def wait_connected(self, timeout: float = 10.0) -> None:
+        """Block until the first SUBACK-able connection exists. Raises RuntimeError on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.connects == 0 or not self._client.is_connected():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"subscriber not connected to {self.mqtt_cfg.address} after {timeout}s")
+            time.sleep(0.02)
+        time.sleep(0.1)  # let the SUBSCRIBE sent from on_connect reach the broker
+
+    def get_batch(self, max_items: int, max_wait_s: float) -> list[Received]:
+        """Up to `max_items` messages: waits at most `max_wait_s` for the first, then takes what is queued."""
+        try:
+            batch = [self.queue.get(timeout=max_wait_s)]
+        except queue.Empty:
+            return []
+        while len(batch) < max_items:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def decode_frame(msg: Received, limits: wire.DecodeLimits = wire.DecodeLimits()) -> wire.Frame:
+    """Decode a frames-topic message and check the topic names the frame's device.
+
+    Raises FrameDecodeError (reason `topic_mismatch` or a wire reason).
+    """
+    frame = wire.decode(msg.payload, limits)
+    try:
+        topic_device = topics.device_of(msg.topic, "frames")
+    except ValueError as err:
+        raise FrameDecodeError("topic_mismatch", str(err)) from err
+    if topic_device != frame.device_id:
+        raise FrameDecodeError(
+            "topic_mismatch", f"topic names device {topic_device!r}, frame header says {frame.device_id!r}"
+        )
+    return frame

@@ -1,0 +1,1 @@
+"""How the system is stood up: configuration, the Mosquitto broker, Prometheus, the CLI."""

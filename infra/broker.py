@@ -1,0 +1,192 @@
+"""Starting and stopping a real Mosquitto broker on a free loopback port, as a child process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from publishers.errors import BrokerError
+
+logger = logging.getLogger(__name__)
+
+DEV_CONF = Path(__file__).with_name("mosquitto") / "dev.conf"
+_REWRITTEN = ("listener", "port", "persistence_location", "log_dest", "user")
+
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary (Debian installs it in /usr/sbin, often off PATH)."""
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise BrokerError(
+            "mosquitto not found: install it with `sudo apt-get install mosquitto mosquitto-clients` "
+            "(scripts/setup.sh does this) or pass --broker HOST:PORT to use a running broker"
+        )
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on `host` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class MosquittoBroker:
+    """A Mosquitto child process with its own config, data directory and log.
+
+    The port is chosen once and kept across restart(), so clients reconnect
+    to the same address and persistent sessions resume.
+
+        with MosquittoBroker() as broker:
+            ... broker.host, broker.port ...
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        workdir: str | Path | None = None,
+        base_conf: Path = DEV_CONF,
+        extra_conf: tuple[str, ...] = (),
+    ) -> None:
+        self.host = host
+        self._fixed_port = port is not None
+        self.port = port if port is not None else free_port(host)
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeq-mosquitto-"))
+        self.base_conf = Path(base_conf)
+        self.extra_conf = extra_conf
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def write_config(self) -> Path:
+        """Write the effective config: the base file with listener, data and log lines replaced."""
+        lines = [
+            line for line in self.base_conf.read_text().splitlines()
+            if line.split(" ", 1)[0] not in _REWRITTEN
+        ]
+        lines += [
+            f"listener {self.port} {self.host}",
+            f"persistence_location {self.workdir}/",
+            f"log_dest file {self.log_path}",
+            *self._user_lines(),
+            *self.extra_conf,
+        ]
+        path = self.workdir / "mosquitto.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _user_lines(self) -> list[str]:
+        # Run as root, Mosquitto drops to the `mosquitto` user: let it own the data dir.
+        if os.geteuid() != 0:
+            return []
+        try:
+            user = pwd.getpwnam("mosquitto")
+        except KeyError:
+            return ["user root"]
+        os.chown(self.workdir, user.pw_uid, user.pw_gid)
+        if self.log_path.exists():
+            os.chown(self.log_path, user.pw_uid, user.pw_gid)
+        return []
+
+    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+        """Start the broker and wait until it accepts TCP connections."""
+        if self.running:
+            raise BrokerError(f"broker already running on {self.address}")
+        binary = find_mosquitto()
+        for attempt in range(3):
+            conf = self.write_config()
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            if self._wait_ready(timeout):
+                logger.info("mosquitto pid %d listening on %s", self._proc.pid, self.address)
+                return self
+            err = self._failure_text()
+            if "Address already in use" in err and not self._fixed_port and attempt < 2:
+                self.port = free_port(self.host)  # lost a race for the port: try another
+                continue
+            raise BrokerError(f"mosquitto did not start on {self.address}: {err}")
+        raise AssertionError("unreachable")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                return False
+            if port_open(self.host, self.port):
+                return True
+            time.sleep(0.05)
+        self.stop()
+        return False
+
+    def _failure_text(self) -> str:
+        parts = []
+        if self._proc is not None and self._proc.stderr is not None:
+            if self._proc.poll() is not None:
+                parts.append(self._proc.stderr.read().decode(errors="replace").strip())
+        if self.log_path.exists():
+            parts.append("\n".join(self.log_path.read_text(errors="replace").splitlines()[-10:]))
+        return "\n".join(p for p in parts if p) or "no output (timed out)"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (Mosquitto saves its persistence file), then SIGKILL after `timeout`."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("mosquitto pid %d ignored SIGTERM for %.0fs; killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop, stay down for `down_s` seconds, start again on the same port."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def close(self) -> None:
+        """Stop the broker and remove the data directory it created."""
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "MosquittoBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,195 @@
+"""One device: reads its source, adds sensor noise, and publishes frames through a bounded outbox."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from publishers import mqtt as mqttlib
+from publishers import topics, wire
+from publishers.config import PublishConfig
+from publishers.noise import NoiseConfig, add_noise
+from publishers.sources import FrameSource
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class DeviceStats:
+    """Counters of one device. `acked` = frames the broker confirmed (PUBACK at QoS 1)."""
+
+    device_id: str
+    generated: int = 0
+    sent: int = 0
+    acked: int = 0
+    bytes_sent: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: collections.Counter())
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+class Device:
+    """A simulated (or real) device with its own MQTT client.
+
+    Frames wait in a bounded outbox until the client is connected and fewer
+    than `max_inflight` frames await their PUBACK; paho keeps those in-flight
+    frames across reconnects and resends them, so QoS 1 loses nothing while
+    the broker is away. A full outbox applies the configured drop policy.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        source: FrameSource,
+        mqtt_cfg: mqttlib.MqttConfig,
+        cfg: PublishConfig,
+        rng: np.random.Generator,
+    ) -> None:
+        self.device_id = device_id
+        self.topic = topics.frames(device_id)
+        self.source = source
+        self.mqtt_cfg = mqtt_cfg
+        self.cfg = cfg
+        self.noise = NoiseConfig(cfg.noise, cfg.noise_level)
+        self.rng = rng
+        self.stats = DeviceStats(device_id)
+        self.component = f"device.{device_id}"
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._wake = threading.Event()
+        self._connected = False
+        self._announced = 0  # connects for which "online" was published
+        self._acks = 0  # PUBACKs of every publish, written only by paho's thread
+        self._control_sent = 0  # status messages, whose acks are not frames
+        self._client = mqttlib.make_client(mqtt_cfg, f"edgeq-{device_id}", status_component=self.component)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+
+    # paho callbacks: run on paho's network thread; they only update counters and wake the loop.
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            logger.warning("%s: broker refused connection: %s", self.device_id, reason_code)
+            return
+        self._connected = True
+        self.stats.connects += 1
+        self._wake.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self._connected = False
+        self.stats.disconnects += 1
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+        self._acks += 1
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> DeviceStats:
+        """Publish until `count` frames, `duration_s` or `stop`; then drain the outbox."""
+        mqttlib.start(self._client, self.mqtt_cfg)
+        try:
+            self._produce_loop(stop)
+            self._drain(stop)
+        finally:
+            self._shutdown()
+        return self.stats
+
+    def _produce_loop(self, stop: threading.Event) -> None:
+        period = 1.0 / self.cfg.rate_hz if self.cfg.rate_hz > 0 else 0.0
+        started = time.monotonic()
+        deadline = started + self.cfg.duration_s if self.cfg.duration_s > 0 else float("inf")
+        samples = self.source.samples()
+        next_due = started
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= deadline or (self.cfg.count and self.stats.generated >= self.cfg.count):
+                return
+            if now >= next_due and self._room_for_one():
+                sample = next(samples, None)
+                if sample is None:
+                    return
+                self._enqueue(*sample)
+                # Keep the schedule, but do not burst to catch up after a long stall.
+                next_due = max(next_due + period, now - period)
+            self._pump()
+            wait = next_due - time.monotonic() if self._room_for_one() else 0.05
+            if wait > 0:
+                self._wake.wait(min(wait, 0.05))
+                self._wake.clear()
+
+    def _room_for_one(self) -> bool:
+        return len(self._outbox) < self.cfg.queue_size or self.cfg.drop_policy != "block"
+
+    def _enqueue(self, pixels: np.ndarray, label: int | None) -> None:
+        flags = 0
+        if self.noise.enabled:
+            pixels = add_noise(pixels, self.noise, self.rng)
+            flags |= wire.FLAG_NOISY
+        frame = wire.Frame(self.device_id, self.stats.generated, time.time_ns(), pixels, label, flags)
+        self.stats.generated += 1
+        if len(self._outbox) >= self.cfg.queue_size:
+            self.stats.dropped["queue_full"] += 1
+            if self.cfg.drop_policy == "drop-newest":
+                return
+            self._outbox.popleft()  # drop-oldest
+        self._outbox.append(wire.encode(frame))
+
+    def _pump(self) -> None:
+        """Hand frames to paho while connected and under the in-flight window."""
+        if self._connected and self._announced < self.stats.connects:
+            self._announced = self.stats.connects
+            self._publish_status(topics.ONLINE)
+        while self._outbox and self._connected and self._in_flight() < self.mqtt_cfg.max_inflight:
+            payload = self._outbox.popleft()
+            info = self._client.publish(self.topic, payload, qos=self.mqtt_cfg.qos)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self.stats.dropped[f"paho_{mqtt.error_string(info.rc)}"] += 1
+                continue
+            if info.rc == mqtt.MQTT_ERR_NO_CONN and self.mqtt_cfg.qos == 0:
+                self.stats.dropped["disconnected"] += 1  # QoS 0 is not kept by paho
+                continue
+            self.stats.sent += 1
+            self.stats.bytes_sent += len(payload)
+
+    def _publish_status(self, state: bytes) -> mqtt.MQTTMessageInfo:
+        self._control_sent += 1
+        return self._client.publish(topics.status(self.component), state, qos=1, retain=True)
+
+    def _in_flight(self) -> int:
+        # Totals, not per-message bookkeeping: no lock is shared with paho's thread.
+        in_flight = self.stats.sent + self._control_sent - self._acks
+        self.stats.acked = self.stats.sent - max(0, in_flight)
+        return in_flight
+
+    def _drain(self, stop: threading.Event) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while (self._outbox or self._in_flight() > 0) and time.monotonic() < deadline:
+            if stop.is_set() and not self._connected:
+                break
+            self._pump()
+            self._wake.wait(0.05)
+            self._wake.clear()
+        lost = len(self._outbox) + max(0, self._in_flight())
+        if lost:
+            logger.warning("%s: %d frames not confirmed by the broker at shutdown", self.device_id, lost)
+            self.stats.dropped["unconfirmed_at_exit"] += lost
+
+    def _shutdown(self) -> None:
+        if self._connected:
+            info = self._publish_status(topics.OFFLINE)
+            try:
+                info.wait_for_publish(timeout=2.0)
+            except RuntimeError:
+                pass
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,145 @@
+"""MQTT session settings and the paho-mqtt 2.x client factory every edgeq component uses."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from publishers import topics
+from publishers.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MqttConfig:
+    """How to reach the broker. Secrets come from a file or the environment, never a log.
+
+    host/port: broker address. qos: 0 or 1 for frames and results.
+    username/password_file: credentials; `password` may be set from the
+    environment (EDGEQ_MQTT__PASSWORD) and is excluded from repr.
+    tls_ca/tls_cert/tls_key: PEM files; setting tls_ca turns TLS on.
+    session_expiry_s: how long the broker keeps a disconnected persistent
+    session (MQTT 5), so QoS 1 messages queued for it survive a reconnect.
+    reconnect_min_s/reconnect_max_s: exponential reconnect backoff bounds.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    qos: int = 1
+    keepalive_s: int = 30
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    session_expiry_s: int = 3600
+    reconnect_min_s: float = 0.25
+    reconnect_max_s: float = 30.0
+    max_inflight: int = 100
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1):
+            raise ConfigError(f"mqtt.qos must be 0 or 1, got {self.qos!r}")
+        if not 0 < int(self.port) < 65536:
+            raise ConfigError(f"mqtt.port must be in 1..65535, got {self.port!r}")
+        if self.reconnect_min_s <= 0 or self.reconnect_max_s < self.reconnect_min_s:
+            raise ConfigError(
+                f"mqtt reconnect bounds must satisfy 0 < min <= max, got {self.reconnect_min_s}, {self.reconnect_max_s}"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("mqtt.tls_cert and mqtt.tls_key must be given together")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().strip()
+            except OSError as err:
+                raise ConfigError(f"mqtt.password_file {self.password_file!r}: {err.strerror}") from err
+        return None
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split "host:port" (port defaults to 1883). Raises ConfigError on a bad port."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, 1883
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError as err:
+        raise ConfigError(f"broker address must be host:port, got {address!r}") from err
+
+
+def make_client(
+    cfg: MqttConfig,
+    client_id: str,
+    *,
+    status_component: str | None = None,
+) -> mqtt.Client:
+    """A configured, not yet connected, MQTT 5 client.
+
+    status_component: when given, a retained "offline" Last Will is set on
+        its status topic (the caller publishes "online" after connecting).
+    """
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+    )
+    # paho types these as int but computes with any number; sub-second backoff matters in tests.
+    client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)  # type: ignore[arg-type]
+    client.max_inflight_messages_set(cfg.max_inflight)
+    client.max_queued_messages_set(0)  # edgeq bounds its own queues; paho keeps what it was handed
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.resolved_password())
+    if cfg.tls_ca:
+        client.tls_set(
+            ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
+            cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    if status_component:
+        client.will_set(topics.status(status_component), topics.OFFLINE, qos=1, retain=True)
+    return client
+
+
+def connect_properties(cfg: MqttConfig, persistent: bool) -> Properties | None:
+    """CONNECT properties: a session expiry interval for persistent sessions."""
+    if not persistent:
+        return None
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = int(cfg.session_expiry_s)
+    return props
+
+
+def start(client: mqtt.Client, cfg: MqttConfig, persistent: bool = False) -> None:
+    """Connect in the background and start paho's network thread.
+
+    Non-blocking: paho keeps retrying with backoff while the broker is down,
+    so a device may boot before its broker.
+    persistent: keep the broker-side session across disconnects (clean start
+        on the first connect only, session expiry set), so QoS 1 messages
+        queued for this client while it is away are delivered on reconnect.
+    """
+    client.connect_async(
+        cfg.host,
+        cfg.port,
+        keepalive=cfg.keepalive_s,
+        clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY if persistent else True,
+        properties=connect_properties(cfg, persistent),
+    )
+    client.loop_start()
+    logger.debug("connecting to %s (persistent=%s)", cfg.address, persistent)

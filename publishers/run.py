@@ -1,0 +1,116 @@
+"""Running N devices in threads, with progress lines and a final report (`edgeq publish`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from publishers.config import PublishConfig
+from publishers.datasets import LabelledImages, load_mnist
+from publishers.device import Device, DeviceStats
+from publishers.mqtt import MqttConfig
+from publishers.sources import default_data_dir, make_source
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class PublishReport:
+    """What a publishing run did, summed over its devices."""
+
+    devices: list[DeviceStats]
+    seconds: float
+
+    def total(self, name: str) -> int:
+        return sum(getattr(d, name) for d in self.devices)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.devices:
+            for reason, n in d.dropped.items():
+                out[reason] = out.get(reason, 0) + n
+        return out
+
+    def summary(self) -> str:
+        acked = self.total("acked")
+        rate = acked / self.seconds if self.seconds > 0 else 0.0
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
+        return (
+            f"devices={len(self.devices)} generated={self.total('generated')} sent={self.total('sent')} "
+            f"confirmed={acked} bytes={self.total('bytes_sent')} rate={rate:.1f} frames/s "
+            f"reconnects={max(0, self.total('connects') - len(self.devices))} drops: {drops} "
+            f"in {self.seconds:.1f}s"
+        )
+
+
+def build_devices(mqtt_cfg: MqttConfig, cfg: PublishConfig) -> list[Device]:
+    """One Device per configured device, each with its own source slice and noise RNG."""
+    data: LabelledImages | None = None
+    if cfg.source == "mnist":
+        data = load_mnist(cfg.data_dir or default_data_dir(), cfg.split)
+    seeds = np.random.SeedSequence(cfg.seed).spawn(cfg.devices)
+    return [
+        Device(
+            f"{cfg.device_prefix}{i}",
+            make_source(cfg, i, data),
+            mqtt_cfg,
+            cfg,
+            np.random.default_rng(seeds[i]),
+        )
+        for i in range(cfg.devices)
+    ]
+
+
+def run_devices(
+    devices: list[Device],
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+    progress_s: float = 1.0,
+) -> PublishReport:
+    """Run every device in its own thread until all finish or `stop` is set."""
+    stop = stop or threading.Event()
+    results: dict[str, DeviceStats] = {}
+    errors: list[BaseException] = []
+
+    def target(device: Device) -> None:
+        try:
+            results[device.device_id] = device.run(stop)
+        except BaseException as err:  # reported below, after the other devices finish
+            logger.exception("device %s failed", device.device_id)
+            errors.append(err)
+            stop.set()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=target, args=(d,), name=f"edgeq-{d.device_id}", daemon=True) for d in devices]
+    for t in threads:
+        t.start()
+    next_report = started + progress_s
+    while any(t.is_alive() for t in threads):
+        time.sleep(0.05)
+        if progress and time.monotonic() >= next_report:
+            next_report += progress_s
+            live = PublishReport([d.stats for d in devices], time.monotonic() - started)
+            progress(f"[publish] {live.summary()}")
+    if errors:
+        raise errors[0]
+    return PublishReport([results[d.device_id] for d in devices], time.monotonic() - started)
+
+
+def publish(
+    mqtt_cfg: MqttConfig,
+    cfg: PublishConfig,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> PublishReport:
+    """Build the configured devices and run them to completion."""
+    devices = build_devices(mqtt_cfg, cfg)
+    logger.info("publishing from %d devices to %s", len(devices), mqtt_cfg.address)
+    return run_devices(devices, stop, progress, cfg.progress_s)
