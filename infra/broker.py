@@ -70,6 +70,7 @@ class MosquittoBroker:
         self.port = port if port is not None else free_port(host)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeq-mosquitto-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.base_conf = Path(base_conf)
         self.extra_conf = extra_conf
         self._proc: subprocess.Popen[bytes] | None = None
