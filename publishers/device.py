@@ -77,6 +77,10 @@ class Device:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
 
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
     # paho callbacks: run on paho's network thread; they only update counters and wake the loop.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:

@@ -98,7 +98,9 @@ def run_devices(
         if progress and time.monotonic() >= next_report:
             next_report += progress_s
             live = PublishReport([d.stats for d in devices], time.monotonic() - started)
-            progress(f"[publish] {live.summary()}")
+            connected = sum(d.connected for d in devices)
+            waiting = f" (broker {devices[0].mqtt_cfg.address} unreachable, retrying)" if connected == 0 else ""
+            progress(f"[publish] connected {connected}/{len(devices)}{waiting} {live.summary()}")
     if errors:
         raise errors[0]
     return PublishReport([results[d.device_id] for d in devices], time.monotonic() - started)

@@ -121,3 +121,37 @@ def test_publisher_path_needs_no_server_packages(broker: MosquittoBroker) -> Non
     proc = subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "confirmed=10" in proc.stdout
+
+
+def _statuses(sub: Subscriber, timeout: float) -> list[tuple[str, bytes]]:
+    return [(m.topic, m.payload) for m in collect(sub, 1, timeout)]
+
+
+def test_status_is_retained_online_then_offline_by_last_will(mqtt_cfg: MqttConfig, broker: MosquittoBroker) -> None:
+    """A device killed without a goodbye is marked offline by its Last Will; the state is retained."""
+    import os
+    import signal
+
+    from publishers import topics
+
+    env = {**os.environ, "EDGEQ_MQTT__KEEPALIVE_S": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "publish", "--broker", broker.address, "--devices", "1",
+         "--count", "0", "--rate", "20", "--device-prefix", "cam", "--data-dir", str(DATA_DIR)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        sub = Subscriber(mqtt_cfg, "test-status", topic_filter=topics.STATUS_FILTER).start()
+        sub.wait_connected()
+        first = _statuses(sub, 15)
+        assert first == [(topics.status("device.cam0"), b"online")]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert _statuses(sub, 10) == [(topics.status("device.cam0"), b"offline")]  # after ~1.5 keepalives
+        sub.stop()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    late = Subscriber(mqtt_cfg, "test-status-late", topic_filter=topics.STATUS_FILTER).start()
+    assert _statuses(late, 10) == [(topics.status("device.cam0"), b"offline")]  # retained for newcomers
+    late.stop()
