@@ -24,7 +24,7 @@ OFFLINE = b"offline"
 
 
 def _checked(name: str, what: str, pattern: re.Pattern[str] = DEVICE_ID_RE) -> str:
-    if not pattern.match(name):
+    if not pattern.fullmatch(name):
         raise ValueError(f"{what} must match {pattern.pattern}, got {name!r}")
     return name
 

@@ -111,7 +111,7 @@ def encode(frame: Frame) -> bytes:
         raise FrameEncodeError(f"frames have 1..{MAX_NDIM} dimensions, got shape {pixels.shape}")
     if any(d <= 0 or d > 0xFFFFFFFF for d in pixels.shape):
         raise FrameEncodeError(f"every dimension must be in 1..2**32-1, got shape {pixels.shape}")
-    if not DEVICE_ID_RE.match(frame.device_id):
+    if not DEVICE_ID_RE.fullmatch(frame.device_id):
         raise FrameEncodeError(f"device id must match {DEVICE_ID_RE.pattern}, got {frame.device_id!r}")
     if not 0 <= frame.seq < 2**64:
         raise FrameEncodeError(f"seq must fit in uint64, got {frame.seq}")
@@ -139,9 +139,9 @@ def encode(frame: Frame) -> bytes:
 def decode(data: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLimits()) -> Frame:
     """Parse one frame. Raises FrameDecodeError whose `reason` is in DECODE_REASONS.
 
-    The returned pixels are a read-only view into `data` (no copy).
+    The returned pixels are a view into `data` (no copy; read-only when `data` is bytes).
     """
-    view = memoryview(data)
+    view = memoryview(data).cast("B")  # byte-addressed, whatever the source item size
     if view.nbytes < HEADER_SIZE:
         raise FrameDecodeError("short_header", f"need {HEADER_SIZE} header bytes, got {view.nbytes}")
     (magic, version, code, ndim, flags, label, id_len, _reserved,
@@ -165,7 +165,7 @@ def decode(data: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLi
     shape = struct.unpack_from(f"<{ndim}I", view, HEADER_SIZE)
     device_bytes = bytes(view[HEADER_SIZE + 4 * ndim : body])
     device_id = device_bytes.decode("ascii", errors="replace")
-    if not DEVICE_ID_RE.match(device_id):
+    if not DEVICE_ID_RE.fullmatch(device_id):
         raise FrameDecodeError("bad_device_id", f"device id {device_bytes!r} must match {DEVICE_ID_RE.pattern}")
     _check_shape(shape, limits)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
