@@ -131,6 +131,11 @@ class MosquittoBroker:
             if self._wait_ready(timeout):
                 logger.info("mosquitto pid %d listening on %s", self._proc.pid, self.address)
                 return self
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=1.0)  # let it finish writing why it stopped
+                except subprocess.TimeoutExpired:
+                    pass
             err = self._failure_text()
             if "Address already in use" in err and not self._fixed_port and attempt < 2:
                 self.port = free_port(self.host)  # lost a race for the port: try another
@@ -187,7 +192,11 @@ class MosquittoBroker:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "MosquittoBroker":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

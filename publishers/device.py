@@ -69,6 +69,7 @@ class Device:
         self._outbox: collections.deque[bytes] = collections.deque()
         self._wake = threading.Event()
         self._connected = False
+        self.refused: str | None = None  # the broker's last CONNACK failure, if any
         self._announced = 0  # connects for which "online" was published
         self._acks = 0  # PUBACKs of every publish, written only by paho's thread
         self._control_sent = 0  # status messages, whose acks are not frames
@@ -84,8 +85,11 @@ class Device:
     # paho callbacks: run on paho's network thread; they only update counters and wake the loop.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
-            logger.warning("%s: broker refused connection: %s", self.device_id, reason_code)
+            if self.refused is None:
+                logger.warning("%s: broker refused connection: %s", self.device_id, reason_code)
+            self.refused = str(reason_code)
             return
+        self.refused = None
         self._connected = True
         self.stats.connects += 1
         self._wake.set()

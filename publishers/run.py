@@ -99,7 +99,11 @@ def run_devices(
             next_report += progress_s
             live = PublishReport([d.stats for d in devices], time.monotonic() - started)
             connected = sum(d.connected for d in devices)
-            waiting = f" (broker {devices[0].mqtt_cfg.address} unreachable, retrying)" if connected == 0 else ""
+            waiting = ""
+            if connected == 0:
+                refused = next((d.refused for d in devices if d.refused), None)
+                why = f"refused: {refused}" if refused else "unreachable"
+                waiting = f" (broker {devices[0].mqtt_cfg.address} {why}, retrying)"
             progress(f"[publish] connected {connected}/{len(devices)}{waiting} {live.summary()}")
     if errors:
         raise errors[0]
