@@ -57,3 +57,35 @@ def test_wrong_password_is_refused_and_reported(secured: MosquittoBroker) -> Non
     timer.cancel()
     assert report.total("acked") == 0
     assert any("refused: Bad user name or password" in line or "refused: Not authorized" in line for line in lines), lines
+
+
+def _make_ca_and_server_cert(d: Path) -> None:
+    """A throwaway CA and a server certificate for 127.0.0.1 (EC P-256, valid one day)."""
+    openssl = _tool("openssl")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *args: subprocess.run([openssl, *args], check=True, timeout=30, capture_output=True)  # noqa: E731
+    run("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "1",
+        "-subj", "/CN=edgeq-test-ca")
+    run("req", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"), "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+        "-CAcreateserial", "-out", str(d / "server.pem"), "-days", "1", "-extfile", str(d / "san.ext"))
+    for name in ("ca.pem", "server.pem", "server.key"):
+        (d / name).chmod(0o644)  # readable by Mosquitto after it drops root
+
+
+def test_tls_listener_accepts_tls_and_refuses_plain() -> None:
+    b = MosquittoBroker()
+    _make_ca_and_server_cert(b.workdir)
+    b.extra_conf = tuple(f"{key} {b.workdir / name}" for key, name in
+                         (("cafile", "ca.pem"), ("certfile", "server.pem"), ("keyfile", "server.key")))
+    with b:
+        tls = MqttConfig(host=b.host, port=b.port, tls_ca=str(b.workdir / "ca.pem"))
+        report = publish(tls, PublishConfig(devices=1, count=5, rate_hz=0, data_dir=str(DATA_DIR)))
+        assert report.total("acked") == 5
+
+        plain = MqttConfig(host=b.host, port=b.port)
+        stop = threading.Event()
+        threading.Timer(2.0, stop.set).start()
+        report = publish(plain, PublishConfig(devices=1, count=5, data_dir=str(DATA_DIR)), stop)
+        assert report.total("acked") == 0  # a plain client never gets a CONNACK from the TLS port
