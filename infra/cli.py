@@ -58,10 +58,8 @@ def _apply_common(cfg: EdgeqConfig, args: argparse.Namespace) -> EdgeqConfig:
     host = port = None
     if getattr(args, "broker", None):
         host, port = parse_address(args.broker)
-    cfg.mqtt = override(
-        cfg.mqtt, host=host, port=port, qos=args.qos, username=args.username,
-        password_file=args.password_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-    )
+    given = {n: getattr(args, n, None) for n in ("qos", "username", "password_file", "tls_ca", "tls_cert", "tls_key")}
+    cfg.mqtt = override(cfg.mqtt, host=host, port=port, **given)
     if hasattr(args, "devices"):
         names = ("devices", "rate_hz", "count", "duration_s", "source", "split", "data_dir", "directory",
                  "frame_shape", "noise", "noise_level", "queue_size", "drop_policy", "device_prefix", "seed")
@@ -98,15 +96,18 @@ def cmd_demo(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
 
 def cmd_train(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
     from cloud_workers.train import TrainConfig, train_reference_models
+    from publishers.sources import default_data_dir
 
     train_cfg = override(
-        TrainConfig(), data_dir=args.data_dir, out_dir=args.out_dir, edge_epochs=args.edge_epochs,
-        cloud_epochs=args.cloud_epochs, seed=args.seed, limit=args.limit,
+        TrainConfig(data_dir=str(default_data_dir())), data_dir=args.data_dir, out_dir=args.out_dir,
+        edge_epochs=args.edge_epochs, cloud_epochs=args.cloud_epochs, seed=args.seed, limit=args.limit,
+        models=tuple(args.models.split(",")) if args.models else None,
     )
     result = train_reference_models(train_cfg, progress=progress)
-    for name, info in result.get("models", result).items():
-        if isinstance(info, dict) and "test_accuracy" in info:
-            print(f"{name}: test accuracy {100 * info['test_accuracy']:.2f} % -> {info.get('file')}")
+    for name, info in result["models"].items():
+        acc = info["test_accuracy"]
+        print(f"{name}: held-out test accuracy {100 * acc['clean']:.2f} % clean, "
+              f"{100 * acc['gaussian_0.2']:.2f} % with gaussian noise 0.2 -> {train_cfg.out_dir}/{info['file']}")
     return 0
 
 
@@ -136,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("train", help="train the reference edge and cloud CNNs and export ONNX (needs edgeq[train])")
-    _mqtt_options(p)
     p.add_argument("--data-dir", help="MNIST IDX directory (default data/mnist)")
     p.add_argument("--out-dir", help="where to write the ONNX models and manifest (default models)")
-    p.add_argument("--edge-epochs", type=int, help="training epochs for the edge CNN")
-    p.add_argument("--cloud-epochs", type=int, help="training epochs for the cloud CNN")
+    p.add_argument("--edge-epochs", type=int, help="training epochs for the edge CNN (default 15)")
+    p.add_argument("--cloud-epochs", type=int, help="training epochs for the cloud CNN (default 15)")
     p.add_argument("--limit", type=int, help="train on only this many images (smoke tests)")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--seed", type=int, help="random seed (default 1234)")
+    p.add_argument("--models", help="comma-separated models to train: edge,cloud (default both)")
     p.set_defaults(func=cmd_train)
     return parser
 
