@@ -43,12 +43,13 @@ class Subscriber:
     ) -> None:
         self.mqtt_cfg = mqtt_cfg
         self.topic_filter = topic_filter
-        self.persistent = persistent
         self.queue: queue.Queue[Received] = queue.Queue(maxsize=max_queue)
         self.dropped: collections.Counter[str] = collections.Counter()
         self.received = 0
         self.connects = 0
-        self._client = mqttlib.make_client(mqtt_cfg, client_id, status_component=status_component)
+        self._client = mqttlib.make_client(
+            mqtt_cfg, client_id, status_component=status_component, persistent=persistent
+        )
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
 
@@ -68,7 +69,7 @@ class Subscriber:
             self.dropped["queue_full"] += 1
 
     def start(self) -> "Subscriber":
-        mqttlib.start(self._client, self.mqtt_cfg, persistent=self.persistent)
+        mqttlib.start(self._client, self.mqtt_cfg)
         return self
 
     def wait_connected(self, timeout: float = 10.0) -> None:

@@ -23,16 +23,21 @@ class MqttConfig:
     """How to reach the broker. Secrets come from a file or the environment, never a log.
 
     host/port: broker address. qos: 0 or 1 for frames and results.
+    protocol: "3.1.1" (default) or "5". Mosquitto 2.0.11 (Debian 12) drops
+        MQTT 5 sessions when it restarts, losing QoS 1 messages queued for a
+        persistent subscriber; MQTT 3.1.1 persistent sessions survive.
     username/password_file: credentials; `password` may be set from the
     environment (EDGEQ_MQTT__PASSWORD) and is excluded from repr.
     tls_ca/tls_cert/tls_key: PEM files; setting tls_ca turns TLS on.
     session_expiry_s: how long the broker keeps a disconnected persistent
-    session (MQTT 5), so QoS 1 messages queued for it survive a reconnect.
+    session (MQTT 5 only; MQTT 3.1.1 sessions last until
+    `persistent_client_expiration` in the broker config).
     reconnect_min_s/reconnect_max_s: exponential reconnect backoff bounds.
     """
 
     host: str = "127.0.0.1"
     port: int = 1883
+    protocol: str = "3.1.1"
     qos: int = 1
     keepalive_s: int = 30
     username: str | None = None
@@ -47,6 +52,8 @@ class MqttConfig:
     max_inflight: int = 100
 
     def __post_init__(self) -> None:
+        if self.protocol not in ("3.1.1", "5"):
+            raise ConfigError(f"mqtt.protocol must be '3.1.1' or '5', got {self.protocol!r}")
         if self.qos not in (0, 1):
             raise ConfigError(f"mqtt.qos must be 0 or 1, got {self.qos!r}")
         if not 0 < int(self.port) < 65536:
@@ -89,17 +96,23 @@ def make_client(
     client_id: str,
     *,
     status_component: str | None = None,
+    persistent: bool = False,
 ) -> mqtt.Client:
-    """A configured, not yet connected, MQTT 5 client.
+    """A configured, not yet connected, client; connect it with `start`.
 
     status_component: when given, a retained "offline" Last Will is set on
         its status topic (the caller publishes "online" after connecting).
+    persistent: keep the broker-side session across disconnects and broker
+        restarts, so QoS 1 messages queued for this client while it is away
+        are delivered when it comes back (MQTT 3.1.1 clean_session=False; MQTT 5
+        clean start on the first connect only, plus a session expiry).
     """
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-    )
+    if cfg.protocol == "5":
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=not persistent
+        )
     # paho types these as int but computes with any number; sub-second backoff matters in tests.
     client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)  # type: ignore[arg-type]
     client.max_inflight_messages_set(cfg.max_inflight)
@@ -113,33 +126,25 @@ def make_client(
         )
     if status_component:
         client.will_set(topics.status(status_component), topics.OFFLINE, qos=1, retain=True)
+    client.user_data_set({"persistent": persistent})
     return client
 
 
-def connect_properties(cfg: MqttConfig, persistent: bool) -> Properties | None:
-    """CONNECT properties: a session expiry interval for persistent sessions."""
-    if not persistent:
-        return None
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = int(cfg.session_expiry_s)
-    return props
-
-
-def start(client: mqtt.Client, cfg: MqttConfig, persistent: bool = False) -> None:
+def start(client: mqtt.Client, cfg: MqttConfig) -> None:
     """Connect in the background and start paho's network thread.
 
     Non-blocking: paho keeps retrying with backoff while the broker is down,
     so a device may boot before its broker.
-    persistent: keep the broker-side session across disconnects (clean start
-        on the first connect only, session expiry set), so QoS 1 messages
-        queued for this client while it is away are delivered on reconnect.
     """
-    client.connect_async(
-        cfg.host,
-        cfg.port,
-        keepalive=cfg.keepalive_s,
-        clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY if persistent else True,
-        properties=connect_properties(cfg, persistent),
-    )
+    persistent = bool(client.user_data_get()["persistent"])
+    if cfg.protocol == "5":
+        props = None
+        if persistent:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = int(cfg.session_expiry_s)
+        clean = mqtt.MQTT_CLEAN_START_FIRST_ONLY if persistent else True
+        client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=clean, properties=props)
+    else:
+        client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
     client.loop_start()
-    logger.debug("connecting to %s (persistent=%s)", cfg.address, persistent)
+    logger.debug("connecting to %s (MQTT %s, persistent=%s)", cfg.address, cfg.protocol, persistent)
