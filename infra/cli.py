@@ -44,7 +44,7 @@ def _publish_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source", choices=("mnist", "directory", "camera"), help="frame source (default mnist)")
     g.add_argument("--split", choices=("train", "test"), help="dataset split to replay (default test)")
     g.add_argument("--data-dir", help="MNIST IDX directory (default data/mnist)")
-    g.add_argument("--directory", help="directory of .npy/.pgm frames for --source directory")
+    g.add_argument("--directory", help="directory of .npy/.pgm/.png/.jpg frames for --source directory")
     g.add_argument("--frame-shape", help="HxW of directory/camera frames (default 28x28)")
     g.add_argument("--noise", choices=("none", "gaussian", "salt-and-pepper"), help="simulated sensor noise")
     g.add_argument("--noise-level", type=float, help="gaussian sigma / salt-and-pepper fraction, 0..1 (default 0.2)")

@@ -19,7 +19,7 @@ class PublishConfig:
     rate_hz: frames per second per device; 0 = as fast as the broker takes them.
     count: frames per device (0 = until `duration_s` or the source ends).
     duration_s: stop after this many seconds (0 = no time limit).
-    source: `mnist` (replay a dataset split), `directory` (.npy/.pgm files)
+    source: `mnist` (replay a dataset split), `directory` (.npy/.pgm/.png/.jpg files)
         or `camera` (Raspberry Pi camera, needs the `pi` extra).
     noise/noise_level: simulated sensor noise (publishers.noise).
     queue_size: frames a device buffers while the broker is slow or away.

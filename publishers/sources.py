@@ -74,21 +74,40 @@ def read_pgm(path: Path) -> np.ndarray:
 
 
 class DirectorySource:
-    """Frames from the `.npy` (uint8 [H, W]) and `.pgm` files of a directory, in name order."""
+    """Frames from the files of a directory, in name order.
 
-    SUFFIXES = (".npy", ".pgm")
+    `.npy` (uint8 [H, W]) and binary `.pgm` files must already have `shape`;
+    `.png`/`.jpg`/`.jpeg`/`.bmp` images are read with Pillow, converted to
+    grey and resized to `shape`.
+    """
+
+    RAW_SUFFIXES = (".npy", ".pgm")
+    IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
     def __init__(self, directory: str | Path, shape: tuple[int, int], loop: bool = False) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise SourceError(f"frame directory {self.directory} does not exist")
-        self.files = sorted(p for p in self.directory.iterdir() if p.suffix.lower() in self.SUFFIXES)
+        known = self.RAW_SUFFIXES + self.IMAGE_SUFFIXES
+        self.files = sorted(p for p in self.directory.iterdir() if p.suffix.lower() in known)
         if not self.files:
-            raise SourceError(f"frame directory {self.directory} has no {'/'.join(self.SUFFIXES)} files")
+            raise SourceError(f"frame directory {self.directory} has no {'/'.join(known)} files")
+        self._pil = None
+        if any(p.suffix.lower() in self.IMAGE_SUFFIXES for p in self.files):
+            self._pil = _optional("PIL.Image")
+            if self._pil is None:
+                raise SourceError(f"{self.directory} holds image files: reading them needs Pillow (pip install 'edgeq[pi]')")
         self.shape, self.loop = shape, loop
 
     def load(self, path: Path) -> np.ndarray:
-        pixels = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else read_pgm(path)
+        suffix = path.suffix.lower()
+        if suffix in self.IMAGE_SUFFIXES:
+            with self._pil.open(path) as image:
+                grey = image.convert("L")
+                if grey.size != self.shape[::-1]:
+                    grey = grey.resize(self.shape[::-1], self._pil.Resampling.BOX)
+                return np.asarray(grey, dtype=np.uint8)
+        pixels = np.load(path, allow_pickle=False) if suffix == ".npy" else read_pgm(path)
         if pixels.dtype != np.uint8 or pixels.shape != self.shape:
             raise SourceError(f"{path}: expected uint8 {self.shape}, got {pixels.dtype} {pixels.shape}")
         return pixels

@@ -37,10 +37,28 @@ def test_directory_source_reads_npy_and_pgm(tmp_path: Path) -> None:
     assert got[0][1] is None
 
 
+def test_directory_source_reads_images_as_grey_and_resizes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgb = np.zeros((56, 56, 3), dtype=np.uint8)
+    rgb[:28, :, 0] = 255  # top half red
+    Image.fromarray(rgb).save(tmp_path / "frame.png")
+    (pixels, label), = list(sources.DirectorySource(tmp_path, (28, 28)).samples())
+    assert pixels.shape == (28, 28) and pixels.dtype == np.uint8 and label is None
+    assert int(pixels[0, 0]) == 76 and int(pixels[-1, -1]) == 0  # Pillow's luma of pure red: 76
+
+
+def test_images_without_pillow_name_the_extra(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "frame.png").write_bytes(b"not read")
+    monkeypatch.setattr(sources, "_optional", lambda name: None)  # Pillow not importable
+    with pytest.raises(SourceError, match=r"needs Pillow \(pip install 'edgeq\[pi\]'\)"):
+        sources.DirectorySource(tmp_path, (28, 28))
+
+
 def test_directory_source_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="does not exist"):
         sources.DirectorySource(tmp_path / "missing", (28, 28))
-    with pytest.raises(SourceError, match="has no .npy/.pgm files"):
+    with pytest.raises(SourceError, match="has no .npy/.pgm/.png"):
         sources.DirectorySource(tmp_path, (28, 28))
     np.save(tmp_path / "wrong.npy", np.zeros((10, 10), dtype=np.float32))
     with pytest.raises(SourceError, match=r"expected uint8 \(28, 28\), got float32 \(10, 10\)"):
