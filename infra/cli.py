@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -148,12 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     func: Callable[[EdgeqConfig, argparse.Namespace], int] = args.func
+    # SIGTERM unwinds like Ctrl-C, so a broker or workers this process started are stopped cleanly.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cfg = _apply_common(load_config(args.config, os.environ), args)
         return func(cfg, args)

@@ -108,3 +108,25 @@ def test_demo_prints_a_summary_with_nothing_lost() -> None:
 def test_example_config_loads() -> None:
     cfg = load_config(REPO / "infra" / "edgeq.example.yaml", {})
     assert cfg.mqtt.port == 1883 and cfg.publish.devices == 4 and cfg.publish.drop_policy == "block"
+
+
+def test_edgeq_broker_stops_its_mosquitto_on_sigterm() -> None:
+    import signal
+    import time
+
+    from infra.broker import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "broker", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not port_open("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert port_open("127.0.0.1", port), "edgeq broker did not start listening"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert not port_open("127.0.0.1", port), "mosquitto outlived `edgeq broker`"
