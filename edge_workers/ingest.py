@@ -47,11 +47,13 @@ class Subscriber:
         self.dropped: collections.Counter[str] = collections.Counter()
         self.received = 0
         self.connects = 0
+        self.subacks = 0
         self._client = mqttlib.make_client(
             mqtt_cfg, client_id, status_component=status_component, persistent=persistent
         )
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
@@ -60,6 +62,13 @@ class Subscriber:
         self.connects += 1
         # paho's documented pattern: (re)subscribe on every connect. Non-blocking.
         client.subscribe(self.topic_filter, qos=self.mqtt_cfg.qos)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            logger.warning("broker refused subscription to %s: %s", self.topic_filter, failed[0])
+            return
+        self.subacks += 1
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
         self.received += 1
@@ -72,14 +81,13 @@ class Subscriber:
         mqttlib.start(self._client, self.mqtt_cfg)
         return self
 
-    def wait_connected(self, timeout: float = 10.0) -> None:
-        """Block until the first SUBACK-able connection exists. Raises RuntimeError on timeout."""
+    def wait_subscribed(self, timeout: float = 10.0) -> None:
+        """Block until the broker acknowledged the subscription. Raises RuntimeError on timeout."""
         deadline = time.monotonic() + timeout
-        while self.connects == 0 or not self._client.is_connected():
+        while self.subacks == 0:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"subscriber not connected to {self.mqtt_cfg.address} after {timeout}s")
-            time.sleep(0.02)
-        time.sleep(0.1)  # let the SUBSCRIBE sent from on_connect reach the broker
+                raise RuntimeError(f"subscriber not subscribed on {self.mqtt_cfg.address} after {timeout}s")
+            time.sleep(0.01)
 
     def get_batch(self, max_items: int, max_wait_s: float) -> list[Received]:
         """Up to `max_items` messages: waits at most `max_wait_s` for the first, then takes what is queued."""

@@ -84,7 +84,7 @@ def run_demo(mqtt_cfg: MqttConfig, pub_cfg: PublishConfig, use_broker: bool, pro
             progress(f"[demo] started mosquitto on {broker.address}")
         sub = Subscriber(mqtt_cfg, "edgeq-demo-edge").start()
         stack.callback(sub.stop)
-        sub.wait_connected()
+        sub.wait_subscribed()
         arrived = ArrivalStats()
         stop = threading.Event()
         consumer = threading.Thread(target=consume, args=(sub, arrived, stop), daemon=True)

@@ -40,7 +40,7 @@ def test_credentials_from_a_file_are_used(secured: MosquittoBroker, tmp_path: Pa
     secret.write_text("s3cret\n")
     cfg = MqttConfig(host=secured.host, port=secured.port, username="dev0", password_file=str(secret))
     sub = Subscriber(cfg, "auth-sub").start()
-    sub.wait_connected()
+    sub.wait_subscribed()
     report = publish(cfg, PublishConfig(devices=1, count=20, rate_hz=0, data_dir=str(DATA_DIR)))
     assert report.total("acked") == 20
     assert len(collect(sub, 20, timeout=10)) == 20

@@ -64,7 +64,7 @@ def subscriber(mqtt_cfg: MqttConfig) -> Iterator[Subscriber]:
     sub = Subscriber(mqtt_cfg, f"interop-sub-{time.monotonic_ns()}", topic_filter=topics.FRAMES_FILTER)
     sub.start()
     try:
-        sub.wait_connected()
+        sub.wait_subscribed()
         yield sub
     finally:
         sub.stop()

@@ -24,7 +24,7 @@ def _frames(messages):
 
 def test_1000_frames_from_4_devices_arrive_in_order(mqtt_cfg: MqttConfig) -> None:
     sub = Subscriber(mqtt_cfg, "test-sub").start()
-    sub.wait_connected()
+    sub.wait_subscribed()
     cfg = PublishConfig(devices=4, count=250, rate_hz=0, data_dir=str(DATA_DIR), noise="gaussian", noise_level=0.1)
     report = publish(mqtt_cfg, cfg)
     frames = _frames(collect(sub, 1000, timeout=30))
@@ -48,7 +48,7 @@ def test_1000_frames_from_4_devices_arrive_in_order(mqtt_cfg: MqttConfig) -> Non
 def test_broker_restart_mid_stream_loses_no_frame(mqtt_cfg: MqttConfig, broker: MosquittoBroker) -> None:
     # A persistent subscriber session: the broker queues (and persists) frames for it while it reconnects.
     sub = Subscriber(mqtt_cfg, "test-restart-sub", persistent=True).start()
-    sub.wait_connected()
+    sub.wait_subscribed()
     cfg = PublishConfig(devices=2, count=400, rate_hz=200, data_dir=str(DATA_DIR))
     devices = build_devices(mqtt_cfg, cfg)
     result = {}
@@ -75,7 +75,7 @@ def test_broker_restart_mid_stream_loses_no_frame(mqtt_cfg: MqttConfig, broker: 
 
 def _publish_while_broker_down(mqtt_cfg, broker, policy):
     sub = Subscriber(mqtt_cfg, f"test-{policy}", persistent=True).start()
-    sub.wait_connected()
+    sub.wait_subscribed()
     broker.stop()
     cfg = PublishConfig(devices=1, count=50, rate_hz=0, queue_size=10, drop_policy=policy, data_dir=str(DATA_DIR))
     devices = build_devices(mqtt_cfg, cfg)
@@ -144,7 +144,7 @@ def test_status_is_retained_online_then_offline_by_last_will(mqtt_cfg: MqttConfi
     )
     try:
         sub = Subscriber(mqtt_cfg, "test-status", topic_filter=topics.STATUS_FILTER).start()
-        sub.wait_connected()
+        sub.wait_subscribed()
         first = _statuses(sub, 15)
         assert first == [(topics.status("device.cam0"), b"online")]
         proc.send_signal(signal.SIGKILL)
@@ -162,7 +162,7 @@ def test_status_is_retained_online_then_offline_by_last_will(mqtt_cfg: MqttConfi
 def test_mqtt5_clients_deliver_too(broker: MosquittoBroker) -> None:
     cfg = MqttConfig(host=broker.host, port=broker.port, protocol="5")
     sub = Subscriber(cfg, "test-v5-sub").start()
-    sub.wait_connected()
+    sub.wait_subscribed()
     report = publish(cfg, PublishConfig(devices=2, count=25, rate_hz=0, data_dir=str(DATA_DIR)))
     frames = _frames(collect(sub, 50, timeout=15))
     sub.stop()
