@@ -98,16 +98,24 @@ def run_devices(
         if progress and time.monotonic() >= next_report:
             next_report += progress_s
             live = PublishReport([d.stats for d in devices], time.monotonic() - started)
-            connected = sum(d.connected for d in devices)
-            waiting = ""
-            if connected == 0:
-                refused = next((d.refused for d in devices if d.refused), None)
-                why = f"refused: {refused}" if refused else "unreachable"
-                waiting = f" (broker {devices[0].mqtt_cfg.address} {why}, retrying)"
-            progress(f"[publish] connected {connected}/{len(devices)}{waiting} {live.summary()}")
+            running = [d for d, t in zip(devices, threads) if t.is_alive()]
+            progress(f"[publish] {_connection_state(running)} {live.summary()}")
     if errors:
         raise errors[0]
     return PublishReport([results[d.device_id] for d in devices], time.monotonic() - started)
+
+
+def _connection_state(running: list[Device]) -> str:
+    """"connected 3/4" over the devices still running, with the broker's refusal if none is connected."""
+    if not running:
+        return "all devices done"
+    connected = sum(d.connected for d in running)
+    state = f"connected {connected}/{len(running)}"
+    if connected == 0:
+        refused = next((d.refused for d in running if d.refused), None)
+        why = f"refused: {refused}" if refused else "unreachable"
+        state += f" (broker {running[0].mqtt_cfg.address} {why}, retrying)"
+    return state
 
 
 def publish(
