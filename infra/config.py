@@ -101,8 +101,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{where} must be a boolean, got {value!r}")
     if hint in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, bool) or (hint is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
         try:
             return hint(value)
         except (TypeError, ValueError) as err:

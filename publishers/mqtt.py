@@ -126,7 +126,7 @@ def make_client(
         )
     if status_component:
         client.will_set(topics.status(status_component), topics.OFFLINE, qos=1, retain=True)
-    client.user_data_set({"persistent": persistent})
+    client.user_data_set({"persistent": persistent})  # read by start(): one place decides the session kind
     return client
 
 
