@@ -45,8 +45,6 @@ class Subscriber:
         self.topic_filter = topic_filter
         self.queue: queue.Queue[Received] = queue.Queue(maxsize=max_queue)
         self.dropped: collections.Counter[str] = collections.Counter()
-        self.received = 0
-        self.connects = 0
         self.subacks = 0
         self._client = mqttlib.make_client(
             mqtt_cfg, client_id, status_component=status_component, persistent=persistent
@@ -59,7 +57,6 @@ class Subscriber:
         if reason_code.is_failure:
             logger.warning("subscriber refused by broker: %s", reason_code)
             return
-        self.connects += 1
         # paho's documented pattern: (re)subscribe on every connect. Non-blocking.
         client.subscribe(self.topic_filter, qos=self.mqtt_cfg.qos)
 
@@ -71,7 +68,6 @@ class Subscriber:
         self.subacks += 1
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        self.received += 1
         try:
             self.queue.put_nowait(Received(message.topic, message.payload, time.time_ns()))
         except queue.Full:

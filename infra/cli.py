@@ -7,6 +7,7 @@ that needs them, so `edgeq publish` runs on a device with the base install.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 from typing import Callable, Sequence
 
 from infra.config import EdgeqConfig, load_config, override
+from publishers.config import PublishConfig
 from publishers.errors import EdgeqError
 from publishers.mqtt import parse_address
 
@@ -61,10 +63,9 @@ def _apply_common(cfg: EdgeqConfig, args: argparse.Namespace) -> EdgeqConfig:
         host, port = parse_address(args.broker)
     given = {n: getattr(args, n, None) for n in ("qos", "username", "password_file", "tls_ca", "tls_cert", "tls_key")}
     cfg.mqtt = override(cfg.mqtt, host=host, port=port, **given)
-    if hasattr(args, "devices"):
-        names = ("devices", "rate_hz", "count", "duration_s", "source", "split", "data_dir", "directory",
-                 "frame_shape", "noise", "noise_level", "queue_size", "drop_policy", "device_prefix", "seed")
-        cfg.publish = override(cfg.publish, **{n: getattr(args, n) for n in names})
+    if hasattr(args, "devices"):  # subcommands with the device options (their dests are the field names)
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PublishConfig) if hasattr(args, f.name)}
+        cfg.publish = override(cfg.publish, **given)
     return cfg
 
 

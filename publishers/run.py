@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -11,10 +12,9 @@ from typing import Callable
 import numpy as np
 
 from publishers.config import PublishConfig
-from publishers.datasets import LabelledImages, load_mnist
 from publishers.device import Device, DeviceStats
 from publishers.mqtt import MqttConfig
-from publishers.sources import default_data_dir, make_source
+from publishers.sources import load_replay_data, make_source
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,7 @@ class PublishReport:
 
     @property
     def dropped(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for d in self.devices:
-            for reason, n in d.dropped.items():
-                out[reason] = out.get(reason, 0) + n
-        return out
+        return dict(sum((collections.Counter(d.dropped) for d in self.devices), collections.Counter()))
 
     def summary(self) -> str:
         acked = self.total("acked")
@@ -53,9 +49,7 @@ class PublishReport:
 
 def build_devices(mqtt_cfg: MqttConfig, cfg: PublishConfig) -> list[Device]:
     """One Device per configured device, each with its own source slice and noise RNG."""
-    data: LabelledImages | None = None
-    if cfg.source == "mnist":
-        data = load_mnist(cfg.data_dir or default_data_dir(), cfg.split)
+    data = load_replay_data(cfg)
     seeds = np.random.SeedSequence(cfg.seed).spawn(cfg.devices)
     return [
         Device(

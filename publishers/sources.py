@@ -177,11 +177,18 @@ def _optional(module: str):  # noqa: ANN202 - returns a module or None
         return None
 
 
+def load_replay_data(cfg: PublishConfig) -> LabelledImages | None:
+    """The dataset split `mnist` sources replay, loaded once for all devices; None for other sources."""
+    if cfg.source != "mnist":
+        return None
+    return load_mnist(cfg.data_dir or default_data_dir(), cfg.split)
+
+
 def make_source(cfg: PublishConfig, device_index: int, data: LabelledImages | None = None) -> FrameSource:
-    """The source device `device_index` of `cfg.devices` reads from."""
+    """The source device `device_index` of `cfg.devices` reads from (`data` from load_replay_data)."""
     if cfg.source == "mnist":
         if data is None:
-            data = load_mnist(cfg.data_dir or default_data_dir(), cfg.split)
+            raise ValueError("source mnist needs the replay data: pass load_replay_data(cfg)")
         return DatasetSource(data, device_index, cfg.devices, loop=True)
     if cfg.source == "directory":
         if not cfg.directory:

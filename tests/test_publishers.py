@@ -22,6 +22,14 @@ def _frames(messages):
     return [decode_frame(m) for m in messages]
 
 
+def _run_in_background(devices) -> tuple[threading.Thread, dict]:
+    """Run the devices in a thread; its PublishReport lands in result["report"]."""
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.setdefault("report", run_devices(devices)))
+    runner.start()
+    return runner, result
+
+
 def test_1000_frames_from_4_devices_arrive_in_order(mqtt_cfg: MqttConfig) -> None:
     sub = Subscriber(mqtt_cfg, "test-sub").start()
     sub.wait_subscribed()
@@ -51,9 +59,7 @@ def test_broker_restart_mid_stream_loses_no_frame(mqtt_cfg: MqttConfig, broker: 
     sub.wait_subscribed()
     cfg = PublishConfig(devices=2, count=400, rate_hz=200, data_dir=str(DATA_DIR))
     devices = build_devices(mqtt_cfg, cfg)
-    result = {}
-    runner = threading.Thread(target=lambda: result.setdefault("report", run_devices(devices)))
-    runner.start()
+    runner, result = _run_in_background(devices)
     deadline = time.monotonic() + 20
     while sum(d.stats.acked for d in devices) < 200 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -79,9 +85,7 @@ def _publish_while_broker_down(mqtt_cfg, broker, policy):
     broker.stop()
     cfg = PublishConfig(devices=1, count=50, rate_hz=0, queue_size=10, drop_policy=policy, data_dir=str(DATA_DIR))
     devices = build_devices(mqtt_cfg, cfg)
-    result = {}
-    runner = threading.Thread(target=lambda: result.setdefault("report", run_devices(devices)))
-    runner.start()
+    runner, result = _run_in_background(devices)
     deadline = time.monotonic() + 10
     while devices[0].stats.generated < 50 and time.monotonic() < deadline:
         time.sleep(0.01)
