@@ -55,7 +55,7 @@ def consume(sub: Subscriber, stats: ArrivalStats, stop: threading.Event) -> None
             stats.add(len(msg.payload), frame.device_id, frame.seq, (msg.arrival_ns - frame.capture_ns) / 1e6)
 
 
-def summary(report: PublishReport, arrived: ArrivalStats, broker: str) -> str:
+def summary(report: PublishReport, arrived: ArrivalStats, broker: str, edge_drops: dict[str, int]) -> str:
     confirmed = report.total("acked")
     lost = max(0, confirmed - len(arrived.unique))
     lat = np.array(arrived.latencies_ms or [float("nan")])
@@ -67,6 +67,7 @@ def summary(report: PublishReport, arrived: ArrivalStats, broker: str) -> str:
         f"  frames at the edge   {len(arrived.unique)} unique, {arrived.frames - len(arrived.unique)} duplicates, "
         f"{arrived.out_of_order} out of order, lost {lost}",
         f"  decode errors        {arrived.decode_errors or 'none'}",
+        f"  drops at the edge    {edge_drops or 'none'}",
         f"  throughput           {len(arrived.unique) / max(report.seconds, 1e-9):.1f} frames/s over {report.seconds:.1f}s",
         f"  latency capture->edge p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms",
         f"  bytes device->edge   {arrived.bytes} ({arrived.bytes / max(arrived.frames, 1):.0f} per frame)",
@@ -96,4 +97,4 @@ def run_demo(mqtt_cfg: MqttConfig, pub_cfg: PublishConfig, use_broker: bool, pro
             time.sleep(0.05)
         stop.set()
         consumer.join()
-        return summary(report, arrived, mqtt_cfg.address)
+        return summary(report, arrived, mqtt_cfg.address, dict(sub.dropped))

@@ -105,6 +105,7 @@ def test_demo_prints_a_summary_with_nothing_lost() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "edgeq demo summary" in proc.stdout
     assert "frames at the edge   120 unique, 0 duplicates, 0 out of order, lost 0" in proc.stdout
+    assert "drops at the edge    none" in proc.stdout
     assert "[publish]" in proc.stderr or "[demo]" in proc.stderr  # progress goes to stderr
 
 
