@@ -38,8 +38,8 @@ if [ ! -x "$venv/bin/python" ]; then
   log "creating virtual environment $venv"
   "$python" -m venv "$venv"
 fi
-extras="server"
-[ "$mode" = test ] && extras="server,dev,train"
+extras="server,bench"
+[ "$mode" = test ] && extras="server,bench,dev,train"
 stamp="$venv/.edgeq-setup-$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing edgeq[$extras] into $venv (torch is pinned to the CPU build 2.13.0)"
