@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from edge_workers.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+# Same buckets as the edge tier (not imported from edge_workers.metrics: that would
+# register the edge metrics in cloud processes too).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 CLOUD_FRAMES = Counter("edgeq_cloud_frames_total", "Frames classified by cloud workers, by uplink codec.", ["codec"])
 CLOUD_BYTES = Counter(

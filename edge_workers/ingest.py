@@ -85,18 +85,30 @@ class Subscriber:
                 raise RuntimeError(f"subscriber not subscribed on {self.mqtt_cfg.address} after {timeout}s")
             time.sleep(0.01)
 
-    def get_batch(self, max_items: int, max_wait_s: float) -> list[Received]:
-        """Up to `max_items` messages: waits at most `max_wait_s` for the first, then takes what is queued."""
+    def get_batch(self, max_items: int, max_wait_s: float, linger_s: float = 0.0) -> list[Received]:
+        """Up to `max_items` messages: waits at most `max_wait_s` for the first, then at most
+        `linger_s` more for the batch to fill (0 = take only what is already queued)."""
         try:
             batch = [self.queue.get(timeout=max_wait_s)]
         except queue.Empty:
             return []
+        deadline = time.monotonic() + linger_s
         while len(batch) < max_items:
             try:
                 batch.append(self.queue.get_nowait())
             except queue.Empty:
-                break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self.queue.get(timeout=left))
+                except queue.Empty:
+                    break
         return batch
+
+    def publish(self, topic: str, payload: bytes, qos: int | None = None):  # -> paho MQTTMessageInfo
+        """Publish on this subscriber's connection (paho queues it; safe from any thread)."""
+        return self._client.publish(topic, payload, qos=self.mqtt_cfg.qos if qos is None else qos)
 
     def stop(self) -> None:
         self._client.disconnect()

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from infra.config import EdgeqConfig, load_config, override
 from publishers.config import PublishConfig
-from publishers.errors import EdgeqError
+from publishers.errors import ConfigError, EdgeqError
 from publishers.mqtt import parse_address
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,60 @@ def _publish_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="noise RNG seed (default 0)")
 
 
+def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = True) -> None:
+    """Options of the `edge`, `cloud` and `ray` sections; dests are SECTION__FIELD."""
+    g = p.add_argument_group("Ray (config section `ray`, env EDGEQ_RAY__*)")
+    g.add_argument("--ray-address", dest="ray__address", metavar="ADDRESS",
+                   help="connect to this Ray cluster (e.g. auto or HOST:6379); default: start a local Ray")
+    g.add_argument("--ray-namespace", dest="ray__namespace", metavar="NAMESPACE", help="Ray namespace of the named actors (default edgeq)")
+    g.add_argument("--metrics-addr", dest="metrics_addr",
+                   help="bind address of the workers' metrics endpoints (default 127.0.0.1)")
+    if edge:
+        g = p.add_argument_group("edge workers (config section `edge`, env EDGEQ_EDGE__*)")
+        g.add_argument("--edge-actors", dest="edge__actors", metavar="ACTORS", type=int, help="edge worker actors (default 2)")
+        g.add_argument("--policy", dest="edge__policy", choices=("confidence", "edge-only", "cloud-only"),
+                       help="where frames are answered (default confidence)")
+        g.add_argument("--threshold", dest="edge__threshold", metavar="THRESHOLD", type=float,
+                       help="confidence (1 - normalised entropy) to answer at the edge (default 0.9)")
+        g.add_argument("--codec", dest="edge__codec", choices=("raw", "denoised", "pca-f16", "pca-int8"),
+                       help="what the edge sends to the cloud (default denoised)")
+        g.add_argument("--runtime", dest="edge__runtime", metavar="RUNTIME", help="edge model runtime: onnx or qcnn (default onnx)")
+        g.add_argument("--model", dest="edge__model", metavar="MODEL", help="edge model file in the models dir (default edge_cnn.onnx)")
+        g.add_argument("--denoise", dest="edge__denoise",
+                       choices=("none", "median", "impulse", "pca", "median+pca", "impulse+pca", "auto"),
+                       help="noise reduction at the edge (default auto)")
+        g.add_argument("--pca-components", dest="edge__pca_components", metavar="PCA_COMPONENTS", type=int,
+                       help="PCA coefficients for the pca-* codecs (default 48, must match the cloud PCA model)")
+        g.add_argument("--batch-max", dest="edge__batch_max", metavar="BATCH_MAX", type=int, help="max frames per micro-batch (default 64)")
+        g.add_argument("--batch-wait-ms", dest="edge__batch_wait_ms", metavar="BATCH_WAIT", type=float,
+                       help="max wait for a micro-batch to fill after its first frame (default 5)")
+        g.add_argument("--cloud-timeout", dest="edge__cloud_timeout_s", metavar="CLOUD_TIMEOUT", type=float,
+                       help="seconds before a cloud call falls back to a degraded edge answer (default 2)")
+        g.add_argument("--edge-metrics-port", dest="edge__metrics_port", metavar="METRICS_PORT", type=int,
+                       help="edge worker i serves metrics on this port + i; 0 = any free port (default 9601)")
+        g.add_argument("--models-dir", dest="edge__models_dir", metavar="MODELS_DIR", help="directory of the model files (default models/)")
+    if cloud:
+        g = p.add_argument_group("cloud workers (config section `cloud`, env EDGEQ_CLOUD__*)")
+        g.add_argument("--cloud-actors", dest="cloud__actors", metavar="ACTORS", type=int, help="cloud worker actors (default 1)")
+        g.add_argument("--cloud-metrics-port", dest="cloud__metrics_port", metavar="METRICS_PORT", type=int,
+                       help="cloud worker i serves metrics on this port + i; 0 = any free port (default 9701)")
+
+
+def _apply_sections(cfg: EdgeqConfig, args: argparse.Namespace) -> EdgeqConfig:
+    for section in ("edge", "cloud", "ray", "demo"):
+        prefix = f"{section}__"
+        given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+        if section in ("edge", "cloud") and getattr(args, "metrics_addr", None):
+            given["metrics_addr"] = args.metrics_addr
+        try:
+            setattr(cfg, section, override(getattr(cfg, section), **given))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from err
+    if getattr(args, "edge__models_dir", None):  # one models directory for both tiers
+        cfg.cloud = override(cfg.cloud, models_dir=args.edge__models_dir)
+    return cfg
+
+
 def _apply_common(cfg: EdgeqConfig, args: argparse.Namespace) -> EdgeqConfig:
     host = port = None
     if getattr(args, "broker", None):
@@ -66,7 +120,7 @@ def _apply_common(cfg: EdgeqConfig, args: argparse.Namespace) -> EdgeqConfig:
     if hasattr(args, "devices"):  # subcommands with the device options (their dests are the field names)
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(PublishConfig) if hasattr(args, f.name)}
         cfg.publish = override(cfg.publish, **given)
-    return cfg
+    return _apply_sections(cfg, args)
 
 
 def cmd_publish(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
@@ -90,26 +144,57 @@ def cmd_broker(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
-    from infra.demo import run_demo
+    from infra.demo import run_pipeline, summary
 
-    print(run_demo(cfg.mqtt, cfg.publish, use_broker=args.broker is not None, progress=progress))
-    return 0
+    result = run_pipeline(cfg, use_broker=args.broker is not None, progress=progress)
+    print(summary(result))
+    return 1 if result.lost else 0
+
+
+def cmd_serve(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
+    from infra.serve import serve
+
+    return serve(cfg, tier=args.command, progress=progress)
 
 
 def cmd_train(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
     from cloud_workers.train import TrainConfig, train_reference_models
     from publishers.sources import default_data_dir
 
+    models = tuple(args.models.split(",")) if args.models else ("edge", "cloud")
+    if not models or any(m not in ("edge", "cloud", "pca") for m in models):
+        raise ConfigError(f"--models must be a comma-separated subset of edge,cloud,pca, got {args.models!r}")
+    cnns = tuple(m for m in models if m != "pca")
     train_cfg = override(
         TrainConfig(data_dir=str(default_data_dir())), data_dir=args.data_dir, out_dir=args.out_dir,
         edge_epochs=args.edge_epochs, cloud_epochs=args.cloud_epochs, seed=args.seed, limit=args.limit,
-        models=tuple(args.models.split(",")) if args.models else None,
+        models=cnns or None,
     )
-    result = train_reference_models(train_cfg, progress=progress)
+    result = train_reference_models(train_cfg, progress=progress) if cnns else {"models": {}}
+    if "pca" in models:  # PCA + cloud PCA MLP: scikit-learn only, no torch
+        from cloud_workers.pca_model import fit_reduction_models
+
+        result["models"].update(fit_reduction_models(train_cfg.data_dir, train_cfg.out_dir, seed=train_cfg.seed,
+                                                     limit=train_cfg.limit, progress=progress))
     for name, info in result["models"].items():
+        if "test_accuracy" not in info:
+            continue
         acc = info["test_accuracy"]
         print(f"{name}: held-out test accuracy {100 * acc['clean']:.2f} % clean, "
               f"{100 * acc['gaussian_0.2']:.2f} % with gaussian noise 0.2 -> {train_cfg.out_dir}/{info['file']}")
+    return 0
+
+
+def cmd_compress(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
+    from edge_workers.qcnn.cli import run_compress
+
+    return run_compress(args, progress=progress)
+
+
+def cmd_bench(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
+    from infra import bench
+
+    print(bench.run(args, progress=progress))
     return 0
 
 
@@ -118,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgeq",
         description="Deep learning at the edge: MQTT devices, Ray edge and cloud workers, quantized CNNs.",
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML config file (sections: mqtt, publish)")
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (sections: mqtt, publish, edge, cloud, ray, demo)")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -127,10 +212,33 @@ def build_parser() -> argparse.ArgumentParser:
     _publish_options(p)
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser("demo", help="run the system on this machine and print a summary")
+    p = sub.add_parser(
+        "demo", help="run the whole system on this machine (broker, Ray, cloud, edge, devices) and print a summary",
+        description="Starts Mosquitto (unless --broker is given), a local Ray (unless --ray-address), cloud and "
+        "edge workers and simulated devices; prints live progress, then a summary. Exit status 1 if frames were lost.",
+    )
     _mqtt_options(p)
     _publish_options(p)
+    _tier_options(p)
+    g = p.add_argument_group("demo (config section `demo`, env EDGEQ_DEMO__*)")
+    g.add_argument("--answer-timeout", dest="demo__answer_timeout_s", metavar="ANSWER_TIMEOUT", type=float,
+                   help="after the devices finish, wait at most this long for answers (default 30)")
+    g.add_argument("--targets-file", dest="demo__targets_file", metavar="TARGETS_FILE",
+                   help="Prometheus file-SD targets file to write (default infra/prometheus/targets/edgeq.json)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("edge", help="run edge workers on a Ray cluster until interrupted",
+                       description="Starts edge worker actors (Ray resource `edge`) that join the broker's shared "
+                       "subscription and forward uncertain frames to the cloud workers started by `edgeq cloud`.")
+    _mqtt_options(p)
+    _tier_options(p, cloud=False)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cloud", help="run cloud workers on a Ray cluster until interrupted",
+                       description="Starts cloud worker actors (Ray resource `cloud`), named edgeq-cloud-<i> in the "
+                       "Ray namespace, for edge workers to call.")
+    _tier_options(p, edge=False)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("broker", help="run a development Mosquitto broker in the foreground")
     _mqtt_options(p)
@@ -145,8 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-epochs", type=int, help="training epochs for the cloud CNN (default 15)")
     p.add_argument("--limit", type=int, help="train on only this many images (smoke tests)")
     p.add_argument("--seed", type=int, help="random seed (default 1234)")
-    p.add_argument("--models", help="comma-separated models to train: edge,cloud (default both)")
+    p.add_argument("--models", help="comma-separated models to train: edge,cloud,pca (default edge,cloud; "
+                                    "pca = PCA + cloud PCA MLP, no torch needed)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compress", help="compress a float ONNX CNN into a Q-CNN model (needs edgeq[server])")
+    from edge_workers.qcnn.cli import add_compress_arguments
+
+    add_compress_arguments(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("bench", help="run a benchmark; tables go to stdout and docs/results/ (needs edgeq[server,bench])")
+    from infra.bench import add_parsers as add_bench_parsers  # one sub-command per registered benchmark
+
+    add_bench_parsers(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

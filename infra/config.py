@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from cloud_workers.config import CloudConfig, RayConfig
+from edge_workers.config import EdgeConfig
 from publishers.config import PublishConfig
 from publishers.errors import ConfigError
 from publishers.mqtt import MqttConfig
@@ -24,11 +26,27 @@ ENV_PREFIX = "EDGEQ_"
 
 
 @dataclass
+class DemoConfig:
+    """Config section `demo`."""
+
+    answer_timeout_s: float = 30.0  # after the devices finish, wait at most this long for the last answers
+    targets_file: str = ""          # Prometheus file-SD targets to write; "" = infra/prometheus/targets/edgeq.json
+
+    def __post_init__(self) -> None:
+        if self.answer_timeout_s <= 0:
+            raise ConfigError(f"demo.answer_timeout_s must be > 0, got {self.answer_timeout_s}")
+
+
+@dataclass
 class EdgeqConfig:
     """Every section edgeq reads; each section is owned by the package that uses it."""
 
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> EdgeqConfig:

@@ -1,100 +1,137 @@
-"""`edgeq demo`: a broker, simulated devices and the edge ingest on one machine, with a summary."""
+"""`edgeq demo`: broker, Ray, cloud and edge workers, simulated devices and a results summary, on one machine."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-
-from edge_workers.ingest import Subscriber, decode_frame
+from infra import cluster
 from infra.broker import MosquittoBroker
-from publishers.config import PublishConfig
-from publishers.errors import FrameDecodeError
-from publishers.mqtt import MqttConfig
-from publishers.run import Progress, PublishReport, publish
+from infra.collector import ResultCollector, ResultStats
+from publishers.run import Progress, PublishReport, build_devices, run_devices
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TARGETS = Path(__file__).resolve().parent / "prometheus" / "targets" / "edgeq.json"
+
 
 @dataclass
-class ArrivalStats:
-    """What reached the edge: counts, order per device, bytes, capture-to-arrival latency."""
+class DemoResult:
+    """Everything the summary reports, for tests and benchmarks to check."""
 
-    frames: int = 0
-    bytes: int = 0
-    unique: set[tuple[str, int]] = field(default_factory=set)
-    out_of_order: int = 0
-    decode_errors: dict[str, int] = field(default_factory=dict)
-    latencies_ms: list[float] = field(default_factory=list)
-    last_seq: dict[str, int] = field(default_factory=dict)
+    report: PublishReport
+    answers: ResultStats
+    edge: dict[str, int]
+    cloud: dict[str, int]
+    seconds: float
+    metrics_targets: list[str]
+    broker: str
 
-    def add(self, frame_bytes: int, device_id: str, seq: int, latency_ms: float) -> None:
-        self.frames += 1
-        self.bytes += frame_bytes
-        self.unique.add((device_id, seq))
-        if seq <= self.last_seq.get(device_id, -1):
-            self.out_of_order += 1
-        self.last_seq[device_id] = max(seq, self.last_seq.get(device_id, -1))
-        self.latencies_ms.append(latency_ms)
+    @property
+    def sent(self) -> int:
+        return self.report.total("acked")
 
-
-def consume(sub: Subscriber, stats: ArrivalStats, stop: threading.Event) -> None:
-    """Decode everything the subscriber queues until `stop` is set and the queue is empty."""
-    while not (stop.is_set() and sub.queue.empty()):
-        for msg in sub.get_batch(256, 0.05):
-            try:
-                frame = decode_frame(msg)
-            except FrameDecodeError as err:
-                stats.decode_errors[err.reason] = stats.decode_errors.get(err.reason, 0) + 1
-                continue
-            stats.add(len(msg.payload), frame.device_id, frame.seq, (msg.arrival_ns - frame.capture_ns) / 1e6)
+    @property
+    def lost(self) -> int:
+        return max(0, self.sent - len(self.answers.unique))
 
 
-def summary(report: PublishReport, arrived: ArrivalStats, broker: str, edge_drops: dict[str, int]) -> str:
-    confirmed = report.total("acked")
-    lost = max(0, confirmed - len(arrived.unique))
-    lat = np.array(arrived.latencies_ms or [float("nan")])
-    lines = [
-        "edgeq demo summary",
-        f"  broker               {broker}",
-        f"  devices              {len(report.devices)}",
-        f"  frames sent          {confirmed} (confirmed by the broker), drops at devices: {report.dropped or 'none'}",
-        f"  frames at the edge   {len(arrived.unique)} unique, {arrived.frames - len(arrived.unique)} duplicates, "
-        f"{arrived.out_of_order} out of order, lost {lost}",
-        f"  decode errors        {arrived.decode_errors or 'none'}",
-        f"  drops at the edge    {edge_drops or 'none'}",
-        f"  throughput           {len(arrived.unique) / max(report.seconds, 1e-9):.1f} frames/s over {report.seconds:.1f}s",
-        f"  latency capture->edge p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms",
-        f"  bytes device->edge   {arrived.bytes} ({arrived.bytes / max(arrived.frames, 1):.0f} per frame)",
-        "  edge/cloud inference not wired in yet: this demo shows the device->edge hop only",
-    ]
-    return "\n".join(lines)
+def _sum(dicts: list[dict]) -> dict[str, int]:
+    total: collections.Counter[str] = collections.Counter()
+    for d in dicts:
+        total.update({k: v for k, v in d.items() if isinstance(v, (int, float))})
+    return dict(total)
 
 
-def run_demo(mqtt_cfg: MqttConfig, pub_cfg: PublishConfig, use_broker: bool, progress: Progress) -> str:
-    """Run the demo and return its summary text. `use_broker`: connect to mqtt_cfg instead of starting one."""
+def run_pipeline(cfg, use_broker: bool, progress: Progress) -> DemoResult:
+    """Stand everything up, publish cfg.publish's frames, wait for the answers, tear down."""
+    mqtt_cfg = cfg.mqtt
     with contextlib.ExitStack() as stack:
         if not use_broker:
             broker = stack.enter_context(MosquittoBroker())
             mqtt_cfg = dataclasses.replace(mqtt_cfg, host=broker.host, port=broker.port)
             progress(f"[demo] started mosquitto on {broker.address}")
-        sub = Subscriber(mqtt_cfg, "edgeq-demo-edge").start()
-        stack.callback(sub.stop)
-        sub.wait_subscribed()
-        arrived = ArrivalStats()
-        stop = threading.Event()
-        consumer = threading.Thread(target=consume, args=(sub, arrived, stop), daemon=True)
-        consumer.start()
-        progress(f"[demo] {pub_cfg.devices} devices publishing to {mqtt_cfg.address}")
-        report = publish(mqtt_cfg, pub_cfg, progress=progress)
-        deadline = time.monotonic() + 10.0
-        while len(arrived.unique) < report.total("acked") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stop.set()
-        consumer.join()
-        return summary(report, arrived, mqtt_cfg.address, dict(sub.dropped))
+        if cluster.connect(cfg.ray, cfg.edge.actors, cfg.cloud.actors):
+            import ray
+
+            stack.callback(ray.shutdown)
+            progress("[demo] started a local Ray")
+        t0 = time.monotonic()
+        cloud = cluster.start_cloud(cfg.cloud, cfg.ray)
+        stack.callback(cluster.stop_tier, cloud)
+        edge = cluster.start_edge(cfg.edge, mqtt_cfg, cfg.ray, cloud.names)
+        stack.callback(cluster.stop_tier, edge)
+        progress(f"[demo] {cfg.cloud.actors} cloud and {cfg.edge.actors} edge workers up in "
+                 f"{time.monotonic() - t0:.1f}s (policy {cfg.edge.policy}, codec {cfg.edge.codec}, "
+                 f"runtime {cfg.edge.runtime})")
+        targets = edge.metrics_targets() + cloud.metrics_targets()
+        targets_file = Path(cfg.demo.targets_file) if cfg.demo.targets_file else DEFAULT_TARGETS
+        cluster.write_targets(targets_file, targets, {"deployment": "demo"})
+        progress(f"[demo] metrics endpoints {', '.join(targets)} (Prometheus targets in {targets_file})")
+
+        collector = ResultCollector(mqtt_cfg).start()
+        stack.callback(collector.stop)
+        devices = build_devices(mqtt_cfg, cfg.publish)
+        progress(f"[demo] {len(devices)} devices publishing to {mqtt_cfg.address}")
+        t_pub = time.monotonic()
+        reports: list[PublishReport] = []
+        pub = threading.Thread(target=lambda: reports.append(run_devices(devices)), daemon=True)
+        pub.start()
+        while pub.is_alive():
+            pub.join(cfg.publish.progress_s)
+            s = collector.stats
+            progress(f"[demo] {time.monotonic() - t_pub:5.1f}s sent {sum(d.stats.acked for d in devices)} "
+                     f"answered {collector.answered()} (edge {s.tiers['edge']}, cloud {s.tiers['cloud']})")
+        report = reports[0]
+        if not collector.wait_for(report.total("acked"), cfg.demo.answer_timeout_s):
+            progress(f"[demo] gave up waiting for answers after {cfg.demo.answer_timeout_s:.0f}s")
+        seconds = time.monotonic() - t_pub
+        edge_stats = _sum(cluster.stop_tier(edge, "stop"))
+        cloud_stats = _sum(cluster.stop_tier(cloud, "stats"))
+        answers = collector.stop()
+        return DemoResult(report, answers, edge_stats, cloud_stats, seconds, targets, mqtt_cfg.address)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def summary(r: DemoResult) -> str:
+    a, e = r.answers, r.edge
+    n = max(len(a.unique), 1)
+    d2e, e2c = e.get("bytes_device_to_edge", 0), e.get("bytes_edge_to_cloud", 0)
+    rejected = {k.split(".", 1)[1]: v for k, v in e.items() if k.startswith("rejected.")}
+    drops = {k.split(".", 1)[1]: v for k, v in e.items() if k.startswith("dropped.") and v}
+    cloud_only = f"{d2e / e2c:.0f}x more" if e2c else "edgeq sent nothing up"
+    lines = [
+        "edgeq demo summary",
+        f"  broker                 {r.broker}",
+        f"  frames sent            {r.sent} (confirmed by the broker), drops at devices: {r.report.dropped or 'none'}",
+        f"  frames answered        {len(a.unique)} unique, {a.duplicates} duplicates, lost {r.lost}",
+        f"  throughput             {len(a.unique) / max(r.seconds, 1e-9):.1f} frames/s over {r.seconds:.1f}s",
+        f"  latency capture->result p50 {a.latency_percentile(50):.1f} ms, p99 {a.latency_percentile(99):.1f} ms",
+        f"  accuracy               {_pct(a.accuracy)} on {a.labelled} labelled frames "
+        f"(edge {_pct(a.tier_accuracy('edge'))}, cloud {_pct(a.tier_accuracy('cloud'))})",
+        f"  answered at            edge {a.tiers['edge']} ({100 * a.tiers['edge'] / n:.1f} %), "
+        f"cloud {a.tiers['cloud']} ({100 * a.tiers['cloud'] / n:.1f} %), degraded {a.degraded}",
+        f"  cloud calls            ok {e.get('cloud_ok', 0)}, timeout {e.get('cloud_timeout', 0)}, "
+        f"error {e.get('cloud_error', 0)}",
+        f"  rejected at the edge   {rejected or 'none'}; dropped {drops or 'none'}",
+        f"  bytes device->edge     {d2e} ({d2e / n:.0f} per frame)",
+        f"  bytes edge->cloud      {e2c} ({e2c / n:.1f} per frame)",
+        f"  bytes edge->device     {a.bytes} (result messages)",
+        f"  cloud-only, raw frames {d2e} bytes to the cloud for the same frames ({cloud_only} than edgeq's uplink)",
+        f"  metrics                {', '.join('http://' + t + '/metrics' for t in r.metrics_targets)}",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(cfg, use_broker: bool, progress: Progress) -> str:
+    """Run the demo and return its summary text. `use_broker`: connect to cfg.mqtt instead of starting one."""
+    return summary(run_pipeline(cfg, use_broker, progress))

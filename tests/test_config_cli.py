@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -96,17 +97,24 @@ def test_help_lists_the_subcommands() -> None:
         assert command in out
 
 
-def test_demo_prints_a_summary_with_nothing_lost() -> None:
+def test_demo_prints_a_summary_with_nothing_lost(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "infra.cli", "demo", "--devices", "3", "--count", "40", "--rate", "100",
-         "--noise", "salt-and-pepper", "--data-dir", str(DATA_DIR)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+         "--noise", "salt-and-pepper", "--data-dir", str(DATA_DIR), "--edge-metrics-port", "0",
+         "--cloud-metrics-port", "0", "--targets-file", str(tmp_path / "targets.json")],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "edgeq demo summary" in proc.stdout
-    assert "frames at the edge   120 unique, 0 duplicates, 0 out of order, lost 0" in proc.stdout
-    assert "drops at the edge    none" in proc.stdout
-    assert "[publish]" in proc.stderr or "[demo]" in proc.stderr  # progress goes to stderr
+    out = proc.stdout
+    assert "edgeq demo summary" in out
+    assert "frames sent            120 (confirmed by the broker)" in out
+    assert "frames answered        120 unique, 0 duplicates, lost 0" in out
+    for line in ("throughput", "latency capture->result p50", "accuracy", "answered at            edge",
+                 "bytes device->edge     99360 (828 per frame)", "bytes edge->cloud", "cloud-only, raw frames 99360"):
+        assert line in out, line
+    assert "[demo]" in proc.stderr  # progress goes to stderr
+    targets = json.loads((tmp_path / "targets.json").read_text())
+    assert len(targets[0]["targets"]) == 3  # 2 edge + 1 cloud metrics endpoints
 
 
 def test_example_config_loads() -> None:

@@ -1,0 +1,35 @@
+"""Configuration of the cloud tier (config section `cloud`, env EDGEQ_CLOUD__*)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from publishers.errors import ConfigError
+
+
+@dataclass
+class CloudConfig:
+    """The cloud worker pool: one model per uplink codec family, loaded in every actor."""
+
+    actors: int = 1                          # cloud worker actors
+    frame_model: str = "cloud_cnn.onnx"      # for the raw and denoised codecs (input [N,1,28,28])
+    pca_model: str = "cloud_pca_mlp.onnx"    # for the pca-f16 and pca-int8 codecs (input [N,k])
+    models_dir: str = ""                     # "" = the repository's models/
+    threads: int = 1                         # inference threads per actor
+    metrics_port: int = 9701                 # actor i serves metrics on metrics_port + i; 0 = any free port
+    metrics_addr: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ConfigError(f"cloud.actors must be >= 1, got {self.actors}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"cloud.metrics_port must be a port number, got {self.metrics_port}")
+
+
+@dataclass
+class RayConfig:
+    """Where the actors run (config section `ray`)."""
+
+    address: str = ""          # "" = start a local Ray; else e.g. "auto" or "10.0.0.5:6379"
+    namespace: str = "edgeq"   # named actors (edgeq-cloud-0, ...) live here
+    num_cpus: int = 0          # local Ray only; 0 = all cores

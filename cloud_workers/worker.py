@@ -1,0 +1,100 @@
+"""Cloud worker: a Ray actor holding the bigger models, classifying what edge workers send up.
+
+One model per uplink codec family: the cloud CNN for frame codecs (`raw`,
+`denoised`), the MLP on PCA coefficients for `pca-f16` / `pca-int8`. Edge
+workers call `infer(codec, codes, n)` with a timeout; the actor is named
+`edgeq-cloud-<i>` in the Ray namespace so edge workers started by another
+process (``edgeq edge``) find it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+
+import numpy as np
+
+from cloud_workers import metrics
+from cloud_workers.config import CloudConfig
+from edge_workers.codecs import CODECS, FRAME_CODECS, UplinkCodec
+from edge_workers.processor import confidence, models_dir
+from edge_workers.reduce import PCA_FILE, PCAModel
+from edge_workers.runtime import load_runtime
+
+logger = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "edgeq-cloud-"
+
+
+class CloudWorker:
+    """Classifies uplink batches. Plain class; `infra.cluster` wraps it with `ray.remote`."""
+
+    def __init__(self, cfg: CloudConfig, index: int = 0, serve_metrics: bool = True):
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.cfg, self.index = cfg, index
+        mdir = models_dir(cfg.models_dir)
+        self.frame_model = load_runtime("onnx", mdir / cfg.frame_model, threads=cfg.threads)
+        self.pca_model = load_runtime("onnx", mdir / cfg.pca_model, threads=cfg.threads)
+        self.frame_model.warmup()
+        self.pca_model.warmup()
+        (self.pca_k,) = self.pca_model.input_shape
+        pca = PCAModel.load(mdir / PCA_FILE)
+        frame_shape = tuple(self.frame_model.input_shape[1:])
+        self.codecs = {
+            name: UplinkCodec(name, pca=pca, k=None if name in FRAME_CODECS else self.pca_k, frame_shape=frame_shape)
+            for name in CODECS
+        }
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.metrics_port = None
+        if serve_metrics:
+            from infra.metrics_server import serve_metrics as serve
+
+            port = cfg.metrics_port + index if cfg.metrics_port else 0
+            self.metrics_port = serve(port, cfg.metrics_addr)
+
+    def info(self) -> dict:
+        """Where this actor runs and what it accepts (for launchers, tests and edge workers)."""
+        import ray
+
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        return {
+            "index": self.index, "pid": os.getpid(), "node_id": ctx.get_node_id() if ctx else None,
+            "node_ip": ray.util.get_node_ip_address() if ctx else "127.0.0.1",
+            # Where Prometheus can scrape this actor: the bind address, or the node's IP when bound to all.
+            "metrics_host": (ray.util.get_node_ip_address() if ctx else "127.0.0.1")
+            if self.cfg.metrics_addr in ("0.0.0.0", "::", "") else self.cfg.metrics_addr,
+            "metrics_port": self.metrics_port, "pca_k": self.pca_k,
+            "code_sizes": {name: c.code_size for name, c in self.codecs.items()},
+        }
+
+    def infer(self, codec: str, codes: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Classify n frames. codes: n * code_size bytes of one codec -> (classes int64 [n], confidence float32 [n]).
+
+        Raises ValueError for an unknown codec or a byte count that does not match.
+        """
+        c = self.codecs.get(codec)
+        if c is None:
+            metrics.CLOUD_ERRORS.labels("unknown_codec").inc()
+            raise ValueError(f"unknown uplink codec {codec!r}; this cloud worker takes {', '.join(self.codecs)}")
+        if n < 1 or len(codes) != n * c.code_size:
+            metrics.CLOUD_ERRORS.labels("wrong_size").inc()
+            raise ValueError(f"{codec}: expected {n} x {c.code_size} = {n * c.code_size} bytes, got {len(codes)}")
+        x = c.decode_codes(np.frombuffer(codes, dtype=np.uint8).reshape(n, c.code_size))
+        model, key = (self.frame_model, "cloud-cnn") if codec in FRAME_CODECS else (self.pca_model, "cloud-pca-mlp")
+        t0 = time.perf_counter()
+        logits = model.predict(x)
+        metrics.CLOUD_INFERENCE_SECONDS.labels(key).observe(time.perf_counter() - t0)
+        metrics.CLOUD_FRAMES.labels(codec).inc(n)
+        metrics.CLOUD_BYTES.labels(codec).inc(len(codes))
+        metrics.CLOUD_BATCH.observe(n)
+        self.counts["frames"] += n
+        self.counts["bytes"] += len(codes)
+        return logits.argmax(axis=1).astype(np.int64), confidence(logits)
+
+    def stats(self) -> dict:
+        return dict(self.counts)
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,60 @@
+"""Configuration of the edge tier (config section `edge`, env EDGEQ_EDGE__*)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from publishers.errors import ConfigError
+
+POLICIES = ("confidence", "edge-only", "cloud-only")
+CODECS = ("raw", "denoised", "pca-f16", "pca-int8")
+
+
+@dataclass
+class EdgeConfig:
+    """How edge workers take frames, preprocess them, classify and route them.
+
+    Model files are looked up in `models_dir` (default: the repository's models/).
+    """
+
+    actors: int = 2                   # edge worker actors (each with its own MQTT client)
+    group: str = "edgeq-edge"         # shared-subscription group the actors join
+    queue_size: int = 10_000          # bounded ingest queue per actor (messages)
+    batch_max: int = 64               # micro-batch: at most this many frames ...
+    batch_wait_ms: float = 5.0        # ... or this long after the first one arrives
+    runtime: str = "onnx"             # model runtime key: onnx (float/int8) or qcnn
+    model: str = "edge_cnn.onnx"      # edge classifier, relative to models_dir
+    models_dir: str = ""              # "" = the repository's models/
+    threads: int = 1                  # inference threads per actor
+    denoise: str = "auto"             # noise reduction: see edge_workers.denoise
+    pca_components: int = 48          # PCA coefficients for the pca-* codecs (must match the cloud PCA model)
+    policy: str = "confidence"        # confidence | edge-only | cloud-only
+    threshold: float = 0.9            # confidence (1 - normalised entropy) needed to answer at the edge
+    # What goes up to the cloud: raw | denoised | pca-f16 | pca-int8. `denoised` feeds the cloud CNN, which
+    # is right more often than the edge on the uncertain frames (docs/pipeline.md has the measurement);
+    # pca-int8 moves 16x fewer bytes per forwarded frame to a weaker model.
+    codec: str = "denoised"
+    cloud_timeout_s: float = 2.0      # per cloud call; on timeout the edge answers, marked degraded
+    metrics_port: int = 9601          # actor i serves metrics on metrics_port + i; 0 = any free port
+    metrics_addr: str = "127.0.0.1"   # bind address of the metrics endpoints
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ConfigError(f"edge.actors must be >= 1, got {self.actors}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"edge.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"edge.codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"edge.threshold must be in [0, 1], got {self.threshold}")
+        if self.batch_max < 1 or self.batch_wait_ms < 0 or self.queue_size < 1:
+            raise ConfigError(
+                f"edge.batch_max >= 1, batch_wait_ms >= 0 and queue_size >= 1 required, got "
+                f"{self.batch_max}, {self.batch_wait_ms}, {self.queue_size}"
+            )
+        if self.cloud_timeout_s <= 0:
+            raise ConfigError(f"edge.cloud_timeout_s must be > 0, got {self.cloud_timeout_s}")
+        if self.pca_components < 1:
+            raise ConfigError(f"edge.pca_components must be >= 1, got {self.pca_components}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"edge.metrics_port must be a port number, got {self.metrics_port}")

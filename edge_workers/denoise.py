@@ -1,0 +1,156 @@
+"""Noise reduction of frame batches at the edge (numpy only), for the publishers' noise models.
+
+Methods (`DenoiseConfig.method`):
+
+- ``none``: only rescale to [0, 1].
+- ``median``: 3x3 median filter (edge-replicated border), vectorised with
+  `sliding_window_view`; removes salt-and-pepper, blurs thin strokes a little.
+- ``impulse``: switching median: replace only pixels at 0 or 255 that differ
+  from their 3x3 median by more than `impulse_threshold`; removes
+  salt-and-pepper and leaves clean frames almost untouched.
+- ``pca``: project onto the first `components` principal components fitted on
+  clean training frames and reconstruct (clip to [0, 1]); suppresses gaussian
+  noise, which spreads evenly over all 784 directions.
+- ``median+pca`` / ``impulse+pca``: the filter, then the projection.
+- ``auto``: ``impulse``, then the projection only for frames whose PCA
+  residual (mean squared pixel difference to their own reconstruction)
+  exceeds `gate_mse`: clean digits lie close to the PCA subspace (residual
+  <= 0.0084 for 99.5 % of test frames at 144 components), gaussian-noisy
+  ones do not (>= 0.0145 for 95 % at sigma 0.2), so clean and
+  salt-and-pepper frames are not blurred by the projection.
+
+Every method takes uint8 [N, H, W] frames (or float32 in [0, 1]) and returns
+float32 [N, H, W] in [0, 1], i.e. pixels / 255 -- the edge CNN's input scale
+(add the channel axis: ``out[:, None]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from edge_workers.reduce import PCA_FILE, PCAModel
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("none", "median", "impulse", "pca", "median+pca", "impulse+pca", "auto")
+# Test-3k, MSE to the clean frame (none -> auto): gaussian 0.2 0.0212 -> 0.0097, salt-and-pepper 0.1
+# 0.0481 -> 0.0040, clean 0 -> 0.0002. Edge CNN accuracy (none -> auto): clean 99.33 -> 99.30 %,
+# s&p 0.1 98.87 -> 99.37 %, gaussian 0.2 99.23 -> 98.83 % (that CNN was trained on noisy frames;
+# ``impulse`` alone gives 99.07 % there, at no MSE gain).
+DEFAULT_METHOD = "auto"
+DEFAULT_COMPONENTS = 144
+
+
+@dataclass(frozen=True)
+class DenoiseConfig:
+    """Which noise reduction the edge applies.
+
+    method: one of METHODS.
+    components: PCA components kept by the ``pca`` step (<= the PCA file's k_max).
+    impulse_threshold: for ``impulse``, the minimum |pixel - 3x3 median| in
+        grey levels (0..255) for a 0/255 pixel to count as an impulse.
+    gate_mse: for ``auto``, the per-frame PCA residual (mean squared
+        difference, pixels / 255 units) above which a frame is projected.
+    """
+
+    method: str = DEFAULT_METHOD
+    components: int = DEFAULT_COMPONENTS
+    impulse_threshold: int = 160
+    gate_mse: float = 0.012
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"denoise method must be one of {METHODS}, got {self.method!r}")
+        if int(self.components) < 1:
+            raise ValueError(f"denoise components must be >= 1, got {self.components!r}")
+        if not 0 <= int(self.impulse_threshold) <= 255:
+            raise ValueError(f"impulse_threshold must be in [0, 255], got {self.impulse_threshold!r}")
+        if not float(self.gate_mse) >= 0:
+            raise ValueError(f"gate_mse must be >= 0, got {self.gate_mse!r}")
+
+    @property
+    def needs_pca(self) -> bool:
+        return self.method.endswith("pca") or self.method == "auto"
+
+
+def as_unit_frames(frames: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W] (scaled by 1/255) or float [N, H, W] in [0, 1] -> float32 [N, H, W] in [0, 1]."""
+    frames = np.asarray(frames)
+    if frames.ndim != 3:
+        raise ValueError(f"expected frames [N, H, W], got {list(frames.shape)}")
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames, dtype=np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(frames, dtype=np.float32)
+
+
+def median3x3(x: np.ndarray) -> np.ndarray:
+    """3x3 median of each frame, border replicated. x: [N, H, W] any dtype -> same dtype and shape."""
+    x = np.ascontiguousarray(x)
+    if x.ndim != 3:
+        raise ValueError(f"expected frames [N, H, W], got {list(x.shape)}")
+    n, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    windows = sliding_window_view(padded, (3, 3), axis=(1, 2)).reshape(n, h, w, 9)
+    return np.ascontiguousarray(np.partition(windows, 4, axis=-1)[..., 4])
+
+
+def impulse_filter(x: np.ndarray, threshold: float) -> np.ndarray:
+    """Switching median: float32 [N, H, W] in [0, 1] -> same, impulses replaced by their 3x3 median.
+
+    A pixel is an impulse when it is at 0 or 1 (full scale) and differs from
+    its 3x3 median by more than `threshold` (same [0, 1] units).
+    """
+    med = median3x3(x)
+    extreme = (x <= 0.0) | (x >= 1.0)
+    return np.where(extreme & (np.abs(x - med) > threshold), med, x)
+
+
+class Denoiser:
+    """Applies one DenoiseConfig to frame batches.
+
+    pca: the fitted PCAModel (required for the ``*pca`` methods, whose
+    `components` must not exceed its k_max).
+    """
+
+    def __init__(self, cfg: DenoiseConfig | None = None, pca: PCAModel | None = None):
+        self.cfg = cfg or DenoiseConfig()
+        if self.cfg.needs_pca:
+            if pca is None:
+                raise ValueError(f"denoise method {self.cfg.method!r} needs a fitted PCA model, got None")
+            pca.check_k(self.cfg.components)
+        self.pca = pca
+
+    @classmethod
+    def from_models_dir(cls, cfg: DenoiseConfig, models_dir: str | Path = "models") -> Denoiser:
+        """Build from config, loading `<models_dir>/pca.npz` when the method needs it."""
+        pca = PCAModel.load(Path(models_dir) / PCA_FILE) if cfg.needs_pca else None
+        return cls(cfg, pca)
+
+    def apply(self, frames: np.ndarray) -> np.ndarray:
+        """Denoise a batch. frames: uint8 [N, H, W] or float32 [N, H, W] in [0, 1].
+
+        Returns float32 [N, H, W] in [0, 1] (pixels / 255).
+        """
+        x = as_unit_frames(frames)
+        if self.pca is not None and x.shape[1:] != self.pca.image_shape:
+            raise ValueError(f"expected frames [N, {self.pca.image_shape[0]}, {self.pca.image_shape[1]}], "
+                             f"got {list(x.shape)}")
+        method = self.cfg.method
+        if method.startswith("median"):
+            x = median3x3(x)
+        elif method.startswith("impulse") or method == "auto":
+            x = impulse_filter(x, self.cfg.impulse_threshold / 255.0)
+        if self.cfg.needs_pca and len(x):
+            flat = x.reshape(len(x), -1)
+            recon = self.pca.inverse_transform(self.pca.transform(flat, self.cfg.components))
+            np.clip(recon, 0.0, 1.0, out=recon)
+            if method == "auto":
+                noisy = np.mean((flat - recon) ** 2, axis=1) > self.cfg.gate_mse
+                recon = np.where(noisy[:, None], recon, flat)
+            x = recon.reshape(x.shape)
+        return np.ascontiguousarray(x, dtype=np.float32)

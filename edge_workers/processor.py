@@ -1,0 +1,143 @@
+"""The edge's per-batch work on whole numpy batches: check, denoise, classify, route, encode the uplink.
+
+No MQTT and no Ray here, so the stages can be tested and benchmarked alone;
+`edge_workers.worker` wraps this in a Ray actor with an MQTT client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_workers import metrics
+from edge_workers.codecs import UplinkCodec
+from edge_workers.config import EdgeConfig
+from edge_workers.denoise import DenoiseConfig, Denoiser
+from edge_workers.reduce import PCA_FILE, PCAModel
+from edge_workers.runtime import load_runtime
+from publishers.wire import Frame
+
+logger = logging.getLogger(__name__)
+
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def models_dir(configured: str) -> Path:
+    """The models directory: as configured, else the repository's models/."""
+    return Path(configured) if configured else REPO_MODELS
+
+
+def confidence(logits: np.ndarray) -> np.ndarray:
+    """1 - normalised entropy of softmax(logits). logits: float32 [N, C] -> float32 [N] in [0, 1].
+
+    1 means one class has all the mass; 0 means a uniform distribution (the
+    exit rule of DDNN and KubeEdge Sedna's joint inference).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise ValueError(f"expected logits [N, C>=2], got {list(z.shape)}")
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    entropy = -np.sum(p * np.log(np.clip(p, 1e-30, None)), axis=1)
+    return (1.0 - entropy / np.log(z.shape[1])).astype(np.float32)
+
+
+class FrameRejected(ValueError):
+    """A decoded frame the edge model cannot take; `reason` is a bounded metric label."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def frame_pixels(frame: Frame, shape: tuple[int, int]) -> np.ndarray:
+    """The frame as uint8 [H, W]. uint8 pixels pass as they are; float pixels must be finite, in [0, 1].
+
+    Raises FrameRejected (reason `wrong_shape`, `non_finite`, `out_of_range`, `unsupported_dtype`).
+    """
+    px = frame.pixels
+    if px.shape not in (shape, (1, *shape)):
+        raise FrameRejected("wrong_shape", f"{frame.device_id}#{frame.seq}: expected pixels {list(shape)}, "
+                                           f"got {list(px.shape)}")
+    px = px.reshape(shape)
+    if px.dtype == np.uint8:
+        return px
+    if px.dtype.kind == "f":
+        if not np.isfinite(px).all():
+            raise FrameRejected("non_finite", f"{frame.device_id}#{frame.seq}: NaN or Inf in float pixels")
+        if px.min() < 0.0 or px.max() > 1.0:
+            raise FrameRejected("out_of_range", f"{frame.device_id}#{frame.seq}: float pixels must be in [0, 1], "
+                                                f"got [{px.min():.3g}, {px.max():.3g}]")
+        return np.rint(px.astype(np.float32) * 255.0).astype(np.uint8)
+    raise FrameRejected("unsupported_dtype", f"{frame.device_id}#{frame.seq}: pixels of dtype {px.dtype} are not "
+                                             "supported (uint8, or float in [0, 1])")
+
+
+@dataclass
+class BatchDecision:
+    """What the edge decided for one batch of N frames."""
+
+    classes: np.ndarray        # int64 [N], edge prediction
+    confidences: np.ndarray    # float32 [N], 1 - normalised entropy
+    to_cloud: np.ndarray       # bool [N]
+    uplink: np.ndarray         # uint8 [n_cloud, code_size], payloads of the frames going to the cloud
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+
+
+class EdgeProcessor:
+    """Denoise -> classify -> route -> encode, for batches of uint8 [N, H, W] frames."""
+
+    def __init__(self, cfg: EdgeConfig):
+        self.cfg = cfg
+        mdir = models_dir(cfg.models_dir)
+        pca = PCAModel.load(mdir / PCA_FILE)
+        self.denoiser = Denoiser(DenoiseConfig(method=cfg.denoise), pca)
+        self.codec = UplinkCodec(cfg.codec, denoiser=self.denoiser, pca=pca, k=cfg.pca_components)
+        self.frame_shape = tuple(pca.image_shape)
+        self.model_key = f"edge-{cfg.runtime}"
+        self.runtime = load_runtime(cfg.runtime, mdir / cfg.model, threads=cfg.threads)
+        if tuple(self.runtime.input_shape) != (1, *self.frame_shape):
+            raise ValueError(f"edge model {cfg.model} takes {list(self.runtime.input_shape)}, frames are "
+                             f"{list(self.frame_shape)}")
+        self.runtime.warmup()
+
+    def process(self, images: np.ndarray) -> BatchDecision:
+        """images: uint8 [N, H, W] -> BatchDecision."""
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if images.ndim != 3 or images.shape[1:] != self.frame_shape:
+            raise ValueError(f"expected frames [N, {self.frame_shape[0]}, {self.frame_shape[1]}], "
+                             f"got {list(images.shape)}")
+        n = len(images)
+        t0 = time.perf_counter()
+        denoised = self.denoiser.apply(images)
+        t1 = time.perf_counter()
+        policy = self.cfg.policy
+        if policy == "cloud-only":
+            logits = None
+            classes, conf = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
+        else:
+            logits = self.runtime.predict(denoised[:, None, :, :])
+            classes, conf = logits.argmax(axis=1).astype(np.int64), confidence(logits)
+        t2 = time.perf_counter()
+        if policy == "edge-only":
+            to_cloud = np.zeros(n, dtype=bool)
+        elif policy == "cloud-only":
+            to_cloud = np.ones(n, dtype=bool)
+        else:
+            to_cloud = conf < self.cfg.threshold
+        if to_cloud.any():
+            uplink = self.codec.compute_codes(images[to_cloud], denoised=denoised[to_cloud])
+        else:
+            uplink = np.zeros((0, self.codec.code_size), dtype=np.uint8)
+        t3 = time.perf_counter()
+        seconds = {"denoise": t1 - t0, "classify": t2 - t1, "encode": t3 - t2}
+        metrics.STAGE_SECONDS.labels("denoise").observe(seconds["denoise"])
+        metrics.STAGE_SECONDS.labels("encode").observe(seconds["encode"])
+        if logits is not None:
+            metrics.INFERENCE_SECONDS.labels(self.model_key).observe(seconds["classify"])
+        return BatchDecision(classes, conf, to_cloud, np.ascontiguousarray(uplink), seconds)

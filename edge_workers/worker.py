@@ -1,0 +1,249 @@
+"""Edge worker: a Ray actor with its own MQTT client in the shared subscription, answering frames.
+
+Threads inside one actor:
+  paho's network thread  -> puts messages on the bounded ingest queue (never blocks);
+  the processing thread  -> micro-batch, decode, EdgeProcessor, publish edge answers,
+                            send uncertain frames to a cloud worker without waiting;
+                            finishes cloud answers as they come back (or times them out,
+                            answering with the edge's own prediction marked degraded).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_workers import metrics, results
+from edge_workers.config import EdgeConfig
+from edge_workers.ingest import Subscriber, decode_frame
+from edge_workers.processor import EdgeProcessor, FrameRejected, frame_pixels
+from publishers import topics
+from publishers.errors import FrameDecodeError
+from publishers.mqtt import MqttConfig
+from publishers.wire import Frame
+
+logger = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "edgeq-edge-"
+MAX_PENDING_CLOUD_CALLS = 8  # per actor; beyond this the loop waits for the oldest call
+
+
+@dataclass
+class PendingCall:
+    """A cloud call in flight for some frames of one batch."""
+
+    ref: object               # ray.ObjectRef
+    frames: list[Frame]
+    edge_classes: np.ndarray  # fallback answers (-1 when the edge did not classify)
+    edge_conf: np.ndarray
+    codes: bytes
+    deadline: float
+    attempt: int = 1
+
+
+class EdgeWorker:
+    """Plain class; `infra.cluster` wraps it with `ray.remote` and the `edge` resource."""
+
+    def __init__(self, cfg: EdgeConfig, mqtt_cfg: MqttConfig, index: int = 0, cloud_names: tuple[str, ...] = (),
+                 namespace: str = "edgeq", serve_metrics: bool = True):
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.cfg, self.index, self.namespace = cfg, index, namespace
+        self.processor = EdgeProcessor(cfg)
+        self.cloud_names = tuple(cloud_names)
+        self._clouds: list = []
+        self._next_cloud = 0
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.pending: collections.deque[PendingCall] = collections.deque()
+        self.metrics_port = None
+        if serve_metrics:
+            from infra.metrics_server import serve_metrics as serve
+
+            self.metrics_port = serve(cfg.metrics_port + index if cfg.metrics_port else 0, cfg.metrics_addr)
+        self.sub = Subscriber(
+            mqtt_cfg, f"edgeq-edge-{index}-{os.getpid()}", topics.shared(topics.FRAMES_FILTER, cfg.group),
+            max_queue=cfg.queue_size, status_component=f"edge.{index}",
+        ).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"edge-{index}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ control
+
+    def ready(self, timeout: float = 30.0) -> dict:
+        """Wait until the broker acknowledged the subscription; return `info()`."""
+        self.sub.wait_subscribed(timeout)
+        if self.cfg.policy != "edge-only":
+            self._connect_clouds()
+        return self.info()
+
+    def info(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        return {
+            "index": self.index, "pid": os.getpid(), "node_id": ctx.get_node_id() if ctx else None,
+            "node_ip": ray.util.get_node_ip_address() if ctx else "127.0.0.1",
+            # Where Prometheus can scrape this actor: the bind address, or the node's IP when bound to all.
+            "metrics_host": (ray.util.get_node_ip_address() if ctx else "127.0.0.1")
+            if self.cfg.metrics_addr in ("0.0.0.0", "::", "") else self.cfg.metrics_addr, "metrics_port": self.metrics_port,
+        }
+
+    def stats(self) -> dict:
+        """Counters since start (plain ints), plus the current queue depth and dropped-by-reason."""
+        out = dict(self.counts)
+        out["queue_depth"] = self.sub.queue.qsize()
+        out.update({f"dropped.{k}": v for k, v in self.sub.dropped.items()})
+        out["pending_cloud_calls"] = len(self.pending)
+        return out
+
+    def stop(self, drain_s: float = 5.0) -> dict:
+        """Finish queued work (bounded by `drain_s`), disconnect, return final stats."""
+        deadline = time.monotonic() + drain_s
+        while (self.sub.queue.qsize() or self.pending) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(timeout=drain_s + 5)
+        self.sub.stop()
+        return self.stats()
+
+    # ------------------------------------------------------------ cloud pool
+
+    def _connect_clouds(self) -> None:
+        import ray
+
+        if self._clouds or not self.cloud_names:
+            return
+        handles = [ray.get_actor(name, namespace=self.namespace) for name in self.cloud_names]
+        infos = ray.get([h.info.remote() for h in handles], timeout=60)
+        want = self.processor.codec.code_size
+        for name, info in zip(self.cloud_names, infos):
+            if info["code_sizes"].get(self.cfg.codec) != want:
+                raise ValueError(
+                    f"cloud worker {name} takes {info['code_sizes'].get(self.cfg.codec)} B per frame for codec "
+                    f"{self.cfg.codec!r} (pca k={info['pca_k']}), this edge sends {want} B: "
+                    "set edge.pca_components to the cloud PCA model's k"
+                )
+        self._clouds = handles
+
+    def _submit(self, frames: list[Frame], codes: bytes, classes, conf, attempt: int = 1) -> None:
+        cloud = self._clouds[self._next_cloud % len(self._clouds)]
+        self._next_cloud += 1
+        ref = cloud.infer.remote(self.cfg.codec, codes, len(frames))
+        self.pending.append(PendingCall(ref, frames, classes, conf, codes,
+                                        time.monotonic() + self.cfg.cloud_timeout_s, attempt))
+        metrics.PAYLOAD_BYTES.labels("edge_to_cloud").inc(len(codes))
+        self.counts["bytes_edge_to_cloud"] += len(codes)
+        self.counts["frames_to_cloud"] += len(frames)
+
+    def _poll_cloud(self, block: bool = False) -> None:
+        """Finish cloud calls that are done or past their deadline. `block`: wait for the oldest."""
+        import ray
+
+        while self.pending:
+            call = self.pending[0]
+            timeout = max(0.0, call.deadline - time.monotonic()) if block else 0.0
+            done, _ = ray.wait([call.ref], timeout=timeout)
+            if done:
+                self.pending.popleft()
+                try:
+                    classes, conf = ray.get(call.ref)
+                except Exception as err:  # a dead or failing cloud actor: answer at the edge
+                    logger.warning("cloud call failed: %s", err)
+                    metrics.CLOUD_REQUESTS.labels("error").inc()
+                    self._fallback(call, "error")
+                    continue
+                metrics.CLOUD_REQUESTS.labels("ok").inc()
+                self.counts["cloud_ok"] += 1
+                self._publish(call.frames, classes, conf, "cloud")
+            elif time.monotonic() >= call.deadline:
+                self.pending.popleft()
+                metrics.CLOUD_REQUESTS.labels("timeout").inc()
+                ray.cancel(call.ref)
+                self._fallback(call, "timeout")
+            else:
+                return
+            block = False
+
+    def _fallback(self, call: PendingCall, outcome: str) -> None:
+        """The cloud did not answer: retry once on another actor, else answer with the edge's prediction."""
+        self.counts[f"cloud_{outcome}"] += 1
+        if call.attempt == 1 and len(self._clouds) > 1:
+            self._submit(call.frames, call.codes, call.edge_classes, call.edge_conf, attempt=2)
+            return
+        classes, conf = call.edge_classes, call.edge_conf
+        if (classes < 0).any():  # cloud-only policy: the edge has not classified these yet
+            images = np.stack([frame_pixels(f, self.processor.frame_shape) for f in call.frames])
+            denoised = self.processor.denoiser.apply(images)
+            logits = self.processor.runtime.predict(denoised[:, None])
+            classes, conf = logits.argmax(axis=1), np.zeros(len(call.frames), dtype=np.float32)
+        self._publish(call.frames, classes, conf, "edge", degraded=True)
+
+    # ------------------------------------------------------------ processing
+
+    def _loop(self) -> None:
+        wait_s = self.cfg.batch_wait_ms / 1000.0
+        while not self._stop.is_set():
+            try:
+                batch = self.sub.get_batch(self.cfg.batch_max, 0.05, linger_s=wait_s)
+                metrics.QUEUE_DEPTH.set(self.sub.queue.qsize())
+                if batch:
+                    self._handle(batch)
+                if self.pending:
+                    self._poll_cloud(block=len(self.pending) >= MAX_PENDING_CLOUD_CALLS)
+            except Exception:  # never let one bad batch take the worker down
+                logger.exception("edge worker %d: batch failed", self.index)
+                self.counts["batch_errors"] += 1
+                metrics.DROPS.labels("batch_error").inc()
+
+    def _handle(self, batch) -> None:
+        metrics.FRAMES_RECEIVED.inc(len(batch))
+        nbytes = sum(len(m.payload) for m in batch)
+        metrics.PAYLOAD_BYTES.labels("device_to_edge").inc(nbytes)
+        metrics.BATCH_SIZE.observe(len(batch))
+        self.counts["received"] += len(batch)
+        self.counts["bytes_device_to_edge"] += nbytes
+        frames, images = [], []
+        for msg in batch:
+            try:
+                frame = decode_frame(msg)
+                images.append(frame_pixels(frame, self.processor.frame_shape))
+            except (FrameDecodeError, FrameRejected) as err:
+                metrics.DECODE_ERRORS.labels(err.reason).inc()
+                self.counts[f"rejected.{err.reason}"] += 1
+                logger.debug("rejected frame on %s: %s", msg.topic, err)
+                continue
+            frames.append(frame)
+        if not frames:
+            return
+        d = self.processor.process(np.stack(images))
+        local = np.flatnonzero(~d.to_cloud)
+        if len(local):
+            self._publish([frames[i] for i in local], d.classes[local], d.confidences[local], "edge")
+        up = np.flatnonzero(d.to_cloud)
+        if len(up):
+            if not self._clouds:
+                self._connect_clouds()
+            self._submit([frames[i] for i in up], d.uplink.tobytes(), d.classes[up], d.confidences[up])
+
+    def _publish(self, frames: list[Frame], classes, conf, tier: str, degraded: bool = False) -> None:
+        now_ns = time.time_ns()
+        flag = "true" if degraded else "false"
+        for frame, cls, c in zip(frames, classes, conf):
+            latency_ms = (now_ns - frame.capture_ns) / 1e6
+            r = results.Result(frame.device_id, frame.seq, int(cls), float(c), tier, degraded, latency_ms, frame.label)
+            payload = results.encode(r)
+            self.sub.publish(topics.results(frame.device_id), payload)
+            metrics.PAYLOAD_BYTES.labels("edge_to_device").inc(len(payload))
+            metrics.E2E_LATENCY.labels(tier).observe(latency_ms / 1000.0)
+            if frame.label is not None:
+                outcome = "correct" if int(cls) == frame.label else "wrong"
+                metrics.PREDICTIONS.labels(tier, outcome).inc()
+                self.counts[f"{tier}.{outcome}"] += 1
+        metrics.RESULTS.labels(tier, flag).inc(len(frames))
+        self.counts[f"results.{tier}" + (".degraded" if degraded else "")] += len(frames)

@@ -1,0 +1,131 @@
+"""Standing up the tiers on Ray: connect (or start a local Ray), launch cloud and edge actors by resource.
+
+Edge actors ask for the custom resource `edge`, cloud actors for `cloud`, so on
+a multi-node cluster each lands on a node that declares its tier
+(`ray start --resources='{"edge": 4}'`). A local Ray gets both resources,
+sized to the actors requested.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud_workers.config import CloudConfig, RayConfig
+from cloud_workers.worker import ACTOR_PREFIX as CLOUD_PREFIX
+from cloud_workers.worker import CloudWorker
+from edge_workers.config import EdgeConfig
+from edge_workers.worker import ACTOR_PREFIX as EDGE_PREFIX
+from edge_workers.worker import EdgeWorker
+from infra.prometheus_server import target_groups
+from publishers.errors import ConfigError
+from publishers.mqtt import MqttConfig
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 180.0  # model loading and numba compilation on a slow node
+
+
+def connect(ray_cfg: RayConfig, edge_actors: int = 0, cloud_actors: int = 0) -> bool:
+    """ray.init for edgeq. Returns True when this call started a local Ray (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if ray_cfg.address:
+        ray.init(address=ray_cfg.address, namespace=ray_cfg.namespace, logging_level=logging.WARNING)
+        return False
+    ray.init(
+        num_cpus=ray_cfg.num_cpus or None,
+        resources={"edge": max(edge_actors, 1), "cloud": max(cloud_actors, 1)},
+        namespace=ray_cfg.namespace, include_dashboard=False, logging_level=logging.WARNING,
+    )
+    return True
+
+
+@dataclass
+class Tier:
+    """Handles and `info()` of the actors of one tier."""
+
+    names: list[str]
+    handles: list
+    infos: list[dict] = field(default_factory=list)
+
+    def metrics_targets(self) -> list[str]:
+        return [f"{i['metrics_host']}:{i['metrics_port']}" for i in self.infos if i.get("metrics_port")]
+
+
+def _check_free(names: list[str], namespace: str) -> None:
+    import ray
+
+    for name in names:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            continue
+        raise ConfigError(f"a Ray actor named {name!r} already runs in namespace {namespace!r}: "
+                          "stop the other edgeq process or pick another ray.namespace")
+
+
+def start_cloud(cfg: CloudConfig, ray_cfg: RayConfig) -> Tier:
+    """Launch cfg.actors cloud workers (resource `cloud`) and wait until their models are loaded."""
+    import ray
+
+    names = [f"{CLOUD_PREFIX}{i}" for i in range(cfg.actors)]
+    _check_free(names, ray_cfg.namespace)
+    actor = ray.remote(CloudWorker)
+    handles = [
+        actor.options(name=n, namespace=ray_cfg.namespace, resources={"cloud": 1}, num_cpus=0).remote(cfg, i)
+        for i, n in enumerate(names)
+    ]
+    tier = Tier(names, handles)
+    tier.infos = ray.get([h.info.remote() for h in handles], timeout=START_TIMEOUT_S)
+    return tier
+
+
+def start_edge(cfg: EdgeConfig, mqtt_cfg: MqttConfig, ray_cfg: RayConfig, cloud_names: list[str]) -> Tier:
+    """Launch cfg.actors edge workers (resource `edge`); returns once each is subscribed."""
+    import ray
+
+    names = [f"{EDGE_PREFIX}{i}" for i in range(cfg.actors)]
+    _check_free(names, ray_cfg.namespace)
+    actor = ray.remote(EdgeWorker)
+    handles = [
+        actor.options(name=n, namespace=ray_cfg.namespace, resources={"edge": 1}, num_cpus=0)
+        .remote(cfg, mqtt_cfg, i, tuple(cloud_names), ray_cfg.namespace)
+        for i, n in enumerate(names)
+    ]
+    tier = Tier(names, handles)
+    tier.infos = ray.get([h.ready.remote() for h in handles], timeout=START_TIMEOUT_S)
+    return tier
+
+
+def stop_tier(tier: Tier, method: str | None = None, timeout: float = 30.0) -> list:
+    """Call `method` (e.g. "stop") on every actor if given, collect its return values, then kill the actors."""
+    import ray
+
+    out = []
+    if method:
+        try:
+            out = ray.get([getattr(h, method).remote() for h in tier.handles], timeout=timeout)
+        except Exception as err:  # a dead actor must not keep the others running
+            logger.warning("stopping %s: %s", tier.names, err)
+    for h in tier.handles:
+        ray.kill(h)
+    return out
+
+
+def write_targets(path: str | Path, targets: list[str], labels: dict[str, str] | None = None) -> Path:
+    """Write a Prometheus file-SD JSON file atomically (see infra/prometheus/prometheus.yml)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(target_groups(targets, labels), f, indent=2)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,203 @@
+"""The whole pipeline against real Mosquitto and a local Ray: devices -> edge actors -> cloud actors -> results.
+
+Counters are read the way a user reads them: over HTTP from the workers'
+metrics endpoints, and through a real Prometheus server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import urllib.request
+from collections import Counter
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cloud_workers.config import CloudConfig, RayConfig
+from edge_workers.config import EdgeConfig
+from infra import cluster
+from infra.collector import ResultCollector
+from infra.prometheus_server import PrometheusServer
+from publishers import topics, wire
+from publishers.config import PublishConfig
+from publishers.run import publish
+from tests.conftest import DATA_DIR, REPO
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    started = cluster.connect(RayConfig(num_cpus=2), edge_actors=4, cloud_actors=4)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def scrape(targets: list[str]) -> Counter:
+    """Sum every sample over the metrics endpoints: {(name, sorted labels): value}."""
+    total: Counter = Counter()
+    for target in targets:
+        text = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                total[(s.name, tuple(sorted(s.labels.items())))] += s.value
+    return total
+
+
+def value(samples: Counter, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+@dataclasses.dataclass
+class Pipeline:
+    mqtt_cfg: object
+    edge: cluster.Tier
+    cloud: cluster.Tier
+
+    @property
+    def targets(self) -> list[str]:
+        return self.edge.metrics_targets() + self.cloud.metrics_targets()
+
+
+@pytest.fixture
+def pipeline(local_ray, broker, mqtt_cfg, request):
+    """Cloud + edge tiers in a namespace of their own; `request.param` overrides EdgeConfig fields."""
+    ns = f"test-{request.node.name}".replace("[", "-").replace("]", "")[:60]
+    ray_cfg = RayConfig(namespace=ns)
+    overrides = getattr(request, "param", {})
+    cloud = cluster.start_cloud(CloudConfig(actors=1, metrics_port=0), ray_cfg)
+    edge = None
+    try:
+        edge = cluster.start_edge(EdgeConfig(actors=2, metrics_port=0, **overrides), mqtt_cfg, ray_cfg, cloud.names)
+        yield Pipeline(mqtt_cfg, edge, cloud)
+    finally:
+        if edge is not None:
+            cluster.stop_tier(edge)
+        cluster.stop_tier(cloud)
+
+
+def run_frames(p: Pipeline, pub: PublishConfig, timeout: float = 90.0):
+    collector = ResultCollector(p.mqtt_cfg, "test-results").start()
+    try:
+        report = publish(p.mqtt_cfg, pub)
+        collector.wait_for(report.total("acked"), timeout)
+        time.sleep(0.5)  # let any duplicate answers arrive before counting
+    finally:
+        answers = collector.stop()
+    return report, answers
+
+
+def test_2000_noisy_frames_from_4_devices_all_answered_by_both_tiers(pipeline: Pipeline) -> None:
+    pub = PublishConfig(devices=4, count=500, rate_hz=0, noise="gaussian", noise_level=0.2, data_dir=str(DATA_DIR))
+    report, answers = run_frames(pipeline, pub)
+
+    assert report.total("acked") == 2000
+    assert len(answers.unique) == 2000 and answers.messages == 2000  # exactly one answer per frame
+    assert answers.bad_messages == 0
+    assert answers.accuracy >= 0.97, answers.accuracy  # observed 0.99
+    assert answers.tiers["edge"] > 0 and answers.tiers["cloud"] > 0, answers.tiers  # observed ~1900 / ~90
+    assert answers.degraded == 0
+
+    m = scrape(pipeline.targets)
+    assert value(m, "edgeq_frames_received_total") == 2000
+    assert value(m, "edgeq_payload_bytes_total", direction="device_to_edge") == report.total("bytes_sent")
+    assert value(m, "edgeq_results_total", tier="edge") == answers.tiers["edge"]
+    assert value(m, "edgeq_results_total", tier="cloud") == answers.tiers["cloud"]
+    assert value(m, "edgeq_payload_bytes_total", direction="edge_to_device") == answers.bytes
+    # The uplink: what the edges counted as sent is what the cloud counted as received, 784 B per frame.
+    up = value(m, "edgeq_payload_bytes_total", direction="edge_to_cloud")
+    assert up == value(m, "edgeq_cloud_received_bytes_total") == 784 * answers.tiers["cloud"]
+    correct = value(m, "edgeq_predictions_total", outcome="correct")
+    assert correct == answers.correct
+    assert value(m, "edgeq_decode_errors_total") == 0
+
+
+@pytest.mark.parametrize("pipeline", [{"policy": "edge-only"}], indirect=True)
+def test_edge_only_policy_never_calls_the_cloud(pipeline: Pipeline) -> None:
+    pub = PublishConfig(devices=2, count=100, rate_hz=0, noise="gaussian", data_dir=str(DATA_DIR))
+    report, answers = run_frames(pipeline, pub)
+    assert len(answers.unique) == 200 and answers.tiers == {"edge": 200}
+    m = scrape(pipeline.targets)
+    assert value(m, "edgeq_payload_bytes_total", direction="edge_to_cloud") == 0
+    assert value(m, "edgeq_cloud_frames_total") == 0
+
+
+@pytest.mark.parametrize("pipeline", [{"policy": "cloud-only", "codec": "pca-int8"}], indirect=True)
+def test_cloud_only_policy_with_pca_int8_sends_48_bytes_per_frame(pipeline: Pipeline) -> None:
+    pub = PublishConfig(devices=2, count=100, rate_hz=0, data_dir=str(DATA_DIR))
+    report, answers = run_frames(pipeline, pub)
+    assert len(answers.unique) == 200 and answers.tiers == {"cloud": 200}
+    assert answers.accuracy >= 0.93, answers.accuracy  # the PCA MLP on clean frames; observed ~0.97
+    m = scrape(pipeline.targets)
+    assert value(m, "edgeq_payload_bytes_total", direction="edge_to_cloud") == 200 * 48
+    assert value(m, "edgeq_cloud_frames_total", codec="pca-int8") == 200
+
+
+def _bad_payloads() -> list[tuple[str, bytes, str]]:
+    """(topic, payload, expected reason) for frames the edge must reject."""
+    ok = wire.Frame("bad0", 0, time.time_ns(), np.zeros((28, 28), np.uint8), label=1)
+    good = wire.encode(ok)
+    nan = wire.encode(dataclasses.replace(ok, seq=1, pixels=np.full((28, 28), np.nan, np.float32)))
+    shape = wire.encode(dataclasses.replace(ok, seq=2, pixels=np.zeros((32, 32), np.uint8)))
+    return [
+        (topics.frames("bad0"), b"not a frame at all, but long enough for a header", "bad_magic"),
+        (topics.frames("bad0"), good[:-100], "payload_size"),
+        (topics.frames("other"), good, "topic_mismatch"),
+        (topics.frames("bad0"), nan, "non_finite"),
+        (topics.frames("bad0"), shape, "wrong_shape"),
+    ]
+
+
+def test_bad_frames_are_counted_by_reason_and_good_ones_still_answered(pipeline: Pipeline) -> None:
+    bad = _bad_payloads()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-bad-sender")
+    client.connect(pipeline.mqtt_cfg.host, pipeline.mqtt_cfg.port)
+    client.loop_start()
+    stop = threading.Event()
+
+    def send_bad() -> None:
+        for i in range(40):  # interleaved with the good frames
+            if stop.is_set():
+                return
+            topic, payload, _ = bad[i % len(bad)]
+            client.publish(topic, payload, qos=1).wait_for_publish(5)
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=send_bad)
+    sender.start()
+    try:
+        pub = PublishConfig(devices=2, count=100, rate_hz=100, data_dir=str(DATA_DIR))
+        report, answers = run_frames(pipeline, pub)
+    finally:
+        stop.set()
+        sender.join()
+        client.loop_stop()
+        client.disconnect()
+    assert len(answers.unique) == 200 == report.total("acked")
+    m = scrape(pipeline.targets)
+    for _, _, reason in bad:
+        assert value(m, "edgeq_decode_errors_total", reason=reason) == 8, reason
+    assert value(m, "edgeq_frames_received_total") == 240
+
+
+def test_prometheus_finds_the_workers_metrics(pipeline: Pipeline) -> None:
+    pub = PublishConfig(devices=2, count=60, rate_hz=0, noise="gaussian", data_dir=str(DATA_DIR))
+    report, answers = run_frames(pipeline, pub)
+    assert len(answers.unique) == 120
+    with PrometheusServer(config=REPO / "infra" / "prometheus" / "prometheus.yml") as prom:
+        prom.set_targets(pipeline.targets, {"deployment": "test"})
+        frames = prom.wait_for("sum(edgeq_frames_received_total)", lambda r: r and float(r[0]["value"][1]) == 120,
+                               timeout=60)
+        assert float(frames[0]["value"][1]) == 120
+        sent = prom.query('sum(edgeq_payload_bytes_total{direction="device_to_edge"})')
+        assert float(sent[0]["value"][1]) == report.total("bytes_sent")
+        by_tier = prom.query("sum by (tier) (edgeq_results_total)")
+        assert sum(float(r["value"][1]) for r in by_tier) == 120
+        up = prom.query('up{job="edgeq"}')
+        assert len(up) == 3 and all(r["value"][1] == "1" for r in up)
