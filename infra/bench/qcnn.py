@@ -1,0 +1,338 @@
+"""`edgeq bench qcnn`: Q-CNN (k-means and error-corrected) against float and int8 onnxruntime, side by side.
+
+Two models: the reference edge CNN (held-out MNIST accuracy) and a wide
+random fully connected layer (output error vs float only). For each, four
+variants are built in a temporary directory and measured for file size,
+accuracy, output error and latency (batch 1 and 32, threads 1 and all).
+A K x dsub sweep on the edge CNN is plotted as accuracy vs compression.
+Calibration uses the train split only; the test split is used for accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from infra.bench.report import Table, machine_info, usable_cores, write_markdown
+from infra.bench.sweep import SweepPoint, plot_sweep, sweep_table
+from infra.bench.timing import Latency, measure_latency
+
+Progress = Callable[[str], None]
+
+VARIANTS = ("float", "int8 QDQ", "Q-CNN k-means", "Q-CNN EC")
+BATCHES = (1, 32)
+EVAL_BATCH = 256
+
+
+@dataclass
+class QcnnBenchConfig:
+    """Settings of one `edgeq bench qcnn` run (defaults: the full run, under ~10 min on 2 cores)."""
+
+    data_dir: str = "data/mnist"
+    model: str = "models/edge_cnn.onnx"
+    out_dir: str = "docs/results"
+    repeats: int = 200  # timed calls per latency cell
+    max_seconds: float = 3.0  # per latency cell: stop early past this (at least 5 calls)
+    calib_images: int = 512  # train images for int8 calibration and Q-CNN (k-means on responses, EC)
+    eval_images: int | None = None  # held-out test images for accuracy; None = the whole split
+    wide_dim: int = 4096  # the wide FC layer is wide_dim -> wide_dim
+    wide_eval: int = 256  # random inputs for the wide FC output error
+    sweep: bool = True
+    sweep_k: tuple[int, ...] = (16, 32, 64, 128, 256)
+    sweep_dsub: tuple[int, ...] = (2, 4, 8)
+    threads: tuple[int, ...] = field(default_factory=lambda: tuple(sorted({1, usable_cores()})))
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw) -> "QcnnBenchConfig":
+        """Few repeats, small calibration and sweep, a 1024-wide FC: for tests and CI."""
+        base = dict(repeats=10, max_seconds=0.5, calib_images=64, eval_images=1000, wide_dim=1024, wide_eval=64,
+                    sweep_k=(16, 64), sweep_dsub=(4,))
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass
+class Variant:
+    """One built model. key: runtime key for load_runtime; path: its file."""
+
+    name: str
+    key: str
+    path: Path
+    file_bytes: int
+    build_s: float = 0.0
+    accuracy: float | None = None  # top-1 in [0, 1] on the held-out split; None for random-weight models
+    rel_error: float | None = None  # ||y - y_float|| / ||y_float|| on the eval inputs
+    latency: dict[tuple[int, int], Latency] = field(default_factory=dict)  # (batch, threads) -> Latency
+    report: object | None = None  # CompressReport for Q-CNN variants
+
+
+@dataclass
+class Case:
+    """A model to benchmark. x_*: float32 model inputs; labels None when accuracy is meaningless."""
+
+    name: str
+    path: Path
+    calib: np.ndarray
+    x_eval: np.ndarray
+    labels: np.ndarray | None
+    variants: list[Variant] = field(default_factory=list)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = QcnnBenchConfig()
+    p.add_argument("--quick", action="store_true", help="few repeats, small sweep, 1024-wide FC (tests, CI)")
+    p.add_argument("--repeats", type=int, help=f"timed calls per latency cell (default {d.repeats}, quick 10)")
+    p.add_argument("--out-dir", help=f"where to write qcnn.md and qcnn_sweep.png (default {d.out_dir})")
+    p.add_argument("--data-dir", help=f"MNIST IDX directory (default {d.data_dir})")
+    p.add_argument("--model", help=f"reference edge CNN (default {d.model})")
+    p.add_argument("--calib-images", type=int, help=f"train images for calibration (default {d.calib_images}, quick 64)")
+    p.add_argument("--skip-sweep", action="store_true", help="skip the K x dsub sweep and its plot")
+    p.add_argument("--seed", type=int, help=f"seed for calibration sampling, random models and k-means (default {d.seed})")
+
+
+def config_from_args(args: argparse.Namespace) -> QcnnBenchConfig:
+    given = {k: getattr(args, k, None) for k in ("repeats", "out_dir", "data_dir", "model", "calib_images", "seed")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if getattr(args, "skip_sweep", False):
+        given["sweep"] = False
+    cfg = QcnnBenchConfig.quick(**given) if args.quick else QcnnBenchConfig(**given)
+    if cfg.repeats < 1 or cfg.calib_images < 1:
+        raise ValueError(f"--repeats and --calib-images must be >= 1, got {cfg.repeats} and {cfg.calib_images}")
+    return cfg
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `edgeq bench qcnn ...` command equivalent to `args` (options given, in a fixed order)."""
+    words = ["edgeq", "bench", "qcnn"] + (["--quick"] if args.quick else [])
+    for opt in ("repeats", "out_dir", "data_dir", "model", "calib_images", "seed"):
+        if getattr(args, opt, None) is not None:
+            words += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
+    return shlex.join(words + (["--skip-sweep"] if args.skip_sweep else []))
+
+
+def run(args: argparse.Namespace, progress: Progress) -> str:
+    cfg = config_from_args(args)
+    return run_bench(cfg, progress, command_line(args))
+
+
+# --- building and measuring -------------------------------------------------------------------------
+
+
+def qcnn_config(cfg: QcnnBenchConfig, error_correction: bool, **overrides):
+    from edge_workers.qcnn.compress import CompressConfig
+
+    base = CompressConfig(error_correction=error_correction, calib_images=cfg.calib_images, seed=cfg.seed)
+    return dataclasses.replace(base, **overrides)
+
+
+def compress(case: Case, out: Path, qcfg, progress: Progress):
+    """Q-CNN compress `case`'s model to `out`; returns (CompressReport, seconds)."""
+    from edge_workers.qcnn.compress import compress_model
+
+    t0 = time.perf_counter()
+    report = compress_model(str(case.path), str(out), case.calib, qcfg, progress=progress)
+    return report, time.perf_counter() - t0
+
+
+def build_variants(case: Case, cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> None:
+    from infra.bench.models import quantize_int8_qdq
+
+    case.variants.append(Variant("float", "onnx", case.path, case.path.stat().st_size))
+    progress(f"[bench qcnn] {case.name}: int8 QDQ static quantization ({len(case.calib)} calibration inputs)")
+    t0 = time.perf_counter()
+    int8 = tmp / f"{case.path.stem}.int8.onnx"
+    quantize_int8_qdq(case.path, int8, case.calib)
+    case.variants.append(Variant("int8 QDQ", "onnx", int8, int8.stat().st_size, time.perf_counter() - t0))
+    for name, ec in (("Q-CNN k-means", False), ("Q-CNN EC", True)):
+        progress(f"[bench qcnn] {case.name}: {name} compression")
+        out = tmp / f"{case.path.stem}.{'ec' if ec else 'kmeans'}.qcnn"
+        report, secs = compress(case, out, qcnn_config(cfg, ec), progress)
+        case.variants.append(Variant(name, "qcnn", out, out.stat().st_size, secs, report=report))
+
+
+def evaluate(case: Case, threads: int, progress: Progress) -> None:
+    """Accuracy (when labelled) and output error vs float of every variant, on case.x_eval."""
+    from edge_workers.runtime import load_runtime
+    from infra.bench.models import predict_batched, relative_error
+
+    ref = None
+    for v in case.variants:
+        rt = load_runtime(v.key, v.path, threads=threads)
+        rt.warmup()
+        y = predict_batched(rt.predict, case.x_eval, EVAL_BATCH)
+        ref = y if ref is None else ref
+        v.rel_error = relative_error(y, ref)
+        if case.labels is not None:
+            v.accuracy = float(np.mean(y.argmax(axis=1) == case.labels))
+        acc = "n/a" if v.accuracy is None else f"{100 * v.accuracy:.2f} %"
+        progress(f"[bench qcnn] {case.name} / {v.name}: accuracy {acc}, output rel. error {v.rel_error:.4f}")
+
+
+def time_variants(case: Case, cfg: QcnnBenchConfig, progress: Progress) -> None:
+    """Latency of every variant at each batch size and thread count; variants interleaved per cell."""
+    from edge_workers.runtime import load_runtime
+
+    for batch in BATCHES:
+        x = np.ascontiguousarray(np.resize(case.x_eval, (batch, *case.x_eval.shape[1:])))
+        for threads in cfg.threads:
+            for v in case.variants:
+                rt = load_runtime(v.key, v.path, threads=threads)  # a fresh runtime sets its own thread pools
+                rt.warmup()
+                v.latency[batch, threads] = lat = measure_latency(
+                    lambda: rt.predict(x), cfg.repeats, warmup=3, max_seconds=cfg.max_seconds
+                )
+                del rt
+                progress(f"[bench qcnn] {case.name} / {v.name}: batch {batch}, {threads} thread(s): "
+                         f"median {lat.median_ms:.3f} ms over {lat.runs} runs")
+
+
+def make_cases(cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[Case]:
+    from cloud_workers.train import to_input
+    from infra.bench.models import build_wide_fc
+    from publishers.datasets import load_mnist
+
+    rng = np.random.default_rng(cfg.seed)
+    train = load_mnist(cfg.data_dir, "train")
+    test = load_mnist(cfg.data_dir, "test")
+    if cfg.calib_images > len(train):
+        raise ValueError(f"--calib-images {cfg.calib_images} exceeds the {len(train)} train images")
+    calib = to_input(train.images[rng.permutation(len(train))[: cfg.calib_images]])
+    n_eval = len(test) if cfg.eval_images is None else min(cfg.eval_images, len(test))
+    edge = Case("edge CNN", Path(cfg.model), calib, to_input(test.images[:n_eval]), test.labels[:n_eval].astype(np.int64))
+    wide_path = tmp / "wide_fc.onnx"
+    progress(f"[bench qcnn] building the wide FC model {cfg.wide_dim}->{cfg.wide_dim} (random weights)")
+    build_wide_fc(wide_path, cfg.wide_dim, cfg.wide_dim, seed=cfg.seed)
+    d = cfg.wide_dim
+    wide = Case(f"wide FC {d}->{d}", wide_path, rng.standard_normal((cfg.calib_images, d), dtype=np.float32),
+                rng.standard_normal((cfg.wide_eval, d), dtype=np.float32), None)
+    return [edge, wide]
+
+
+def run_sweep(case: Case, cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[SweepPoint]:
+    """Compress the edge CNN for every (K, dsub), with and without EC; accuracy on case.x_eval."""
+    from edge_workers.runtime import load_runtime
+    from infra.bench.models import predict_batched
+
+    points = []
+    for k in cfg.sweep_k:
+        for dsub in cfg.sweep_dsub:
+            for ec in (False, True):
+                progress(f"[bench qcnn] sweep: K={k} dsub={dsub} {'EC' if ec else 'k-means'}")
+                out = tmp / f"sweep_k{k}_d{dsub}_{int(ec)}.qcnn"
+                qcfg = qcnn_config(cfg, ec, conv_k=k, fc_k=k, conv_dsub=dsub, fc_dsub=dsub)
+                compress(case, out, qcfg, lambda line: None)
+                rt = load_runtime("qcnn", out, threads=max(cfg.threads))
+                y = predict_batched(rt.predict, case.x_eval, EVAL_BATCH)
+                acc = float(np.mean(y.argmax(axis=1) == case.labels))
+                points.append(SweepPoint(k, dsub, ec, out.stat().st_size, acc))
+    return points
+
+
+# --- tables ------------------------------------------------------------------------------------------
+
+
+def _acc(v: Variant, ref: Variant) -> tuple[str, str]:
+    if v.accuracy is None:
+        return "n/a", "n/a"
+    return f"{100 * v.accuracy:.2f}", f"{100 * (v.accuracy - ref.accuracy):+.2f}"
+
+
+def size_table(cases: list[Case]) -> Table:
+    t = Table("Size and accuracy", ["model", "variant", "file bytes", "compression ×", "accuracy %",
+                                    "Δ points", "output rel. error", "build s"],
+              note="compression = float file bytes / variant file bytes; Δ = accuracy - float accuracy "
+                   "(percentage points); output rel. error = ||y - y_float|| / ||y_float|| on the eval inputs.")
+    for c in cases:
+        ref = c.variants[0]
+        for v in c.variants:
+            acc, delta = _acc(v, ref)
+            t.add(c.name, v.name, f"{v.file_bytes:,}", f"{ref.file_bytes / v.file_bytes:.2f}", acc, delta,
+                  f"{v.rel_error:.4f}", f"{v.build_s:.1f}")
+    return t
+
+
+def latency_table(cases: list[Case], cfg: QcnnBenchConfig) -> Table:
+    t = Table("Latency (ms per call)", ["model", "batch", "threads", "variant", "median ms", "p90 ms", "runs",
+                                        "speed-up ×"],
+              note="speed-up = float median / variant median (> 1 is faster than float, < 1 is slower).")
+    for c in cases:
+        for batch in BATCHES:
+            for threads in cfg.threads:
+                ref = c.variants[0].latency[batch, threads]
+                for v in c.variants:
+                    lat = v.latency[batch, threads]
+                    t.add(c.name, batch, threads, v.name, f"{lat.median_ms:.3f}", f"{lat.p90_ms:.3f}", lat.runs,
+                          f"{ref.median_ms / lat.median_ms:.2f}")
+    return t
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def layer_table(cases: list[Case]) -> Table:
+    t = Table("Per-layer response error (Q-CNN, k-means vs error correction)",
+              ["model", "layer", "kind", "M", "K", "dsub", "float bytes", "PQ bytes", "k-means", "EC"],
+              note="response error = ||layer output - float layer output||² / ||float layer output||² on "
+                   "calibration inputs, as reported by the compressor; k-means from the k-means run, EC from the EC run.")
+    for c in cases:
+        by_name = {v.name: v.report for v in c.variants if v.report is not None}
+        km = {row["name"]: row for row in by_name["Q-CNN k-means"].layers}
+        for row in by_name["Q-CNN EC"].layers:
+            err_km = km.get(row["name"], row).get("response_error_kmeans")
+            t.add(c.name, row["name"], row["kind"], row["M"], row["K"], row["dsub"], f"{row['float_bytes']:,}",
+                  f"{row['pq_bytes']:,}", _fmt(err_km), _fmt(row.get("response_error_ec")))
+    return t
+
+
+def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
+    """Run everything, write qcnn.md (and qcnn_sweep.png); returns the text for stdout."""
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgeq-bench-qcnn-") as tmp_name:
+        tmp = Path(tmp_name)
+        cases = make_cases(cfg, tmp, progress)
+        for case in cases:
+            build_variants(case, cfg, tmp, progress)
+            evaluate(case, max(cfg.threads), progress)
+            time_variants(case, cfg, progress)
+        points = run_sweep(cases[0], cfg, tmp, progress) if cfg.sweep else []
+    tables = [size_table(cases), latency_table(cases, cfg), layer_table(cases)]
+    images = []
+    if points:
+        edge = cases[0]
+        float_bytes = edge.variants[0].file_bytes
+        tables.append(sweep_table(points, float_bytes, edge.variants[0].accuracy))
+        refs = [(v.name, float_bytes / v.file_bytes, v.accuracy) for v in edge.variants]
+        plot_sweep(out_dir / "qcnn_sweep.png", points, float_bytes, refs)
+        images.append(("edge CNN: held-out accuracy vs compression ratio over K and dsub", "qcnn_sweep.png"))
+    machine = machine_info()
+    notes = [
+        f"Held-out accuracy on the first {len(cases[0].x_eval)} images of the MNIST test split; calibration "
+        f"({cfg.calib_images} images) drawn from the train split only.",
+        f"The wide FC model has random weights, so accuracy is n/a; its output error is measured on "
+        f"{cfg.wide_eval} random N(0, 1) inputs.",
+        "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
+        "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
+        "(onnxruntime's CPU guidance).",
+        f"Latency: {cfg.repeats} timed calls per cell after 3 warm-up calls (fewer if a cell passed "
+        f"{cfg.max_seconds:g} s; see runs), threads pinned via SessionOptions.intra_op_num_threads and the "
+        "Q-CNN runtime's threads option. Timings come from a shared machine and are noisy.",
+        f"Wall time of this run: {time.perf_counter() - t_start:.0f} s.",
+    ]
+    write_markdown(out_dir / "qcnn.md", "Q-CNN vs float and int8 onnxruntime", tables, machine, command,
+                   intro="Produced by `edgeq bench qcnn` (infra/bench/qcnn.py); rerun the command below to refresh.",
+                   notes=notes, images=images)
+    progress(f"[bench qcnn] wrote {out_dir / 'qcnn.md'}" + (f" and {out_dir / 'qcnn_sweep.png'}" if points else ""))
+    head = "\n".join(f"{k}: {v}" for k, v in machine.items())
+    return "\n\n".join([head] + [t.text() for t in tables] + [notes[-1]])

@@ -1,0 +1,48 @@
+"""Latency measurement: warm up, time single calls with perf_counter_ns, summarise as median and p90."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Summary of timed calls. median_ms, p90_ms: milliseconds per call; runs: calls timed."""
+
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+def measure_latency(
+    fn: Callable[[], object], repeats: int, warmup: int = 3, min_repeats: int = 5, max_seconds: float | None = None
+) -> Latency:
+    """Time `repeats` calls of `fn()` after `warmup` untimed calls.
+
+    max_seconds: stop early once this much time was spent timing and at least
+    `min_repeats` calls were made (bounds the run for slow variants); the
+    number of calls actually timed is in ``Latency.runs``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    for _ in range(warmup):
+        fn()
+    times_ns = []
+    budget_ns = None if max_seconds is None else int(max_seconds * 1e9)
+    spent_ns = 0
+    for i in range(repeats):
+        t0 = time.perf_counter_ns()
+        fn()
+        dt = time.perf_counter_ns() - t0
+        times_ns.append(dt)
+        spent_ns += dt
+        if budget_ns is not None and spent_ns > budget_ns and i + 1 >= min_repeats:
+            break
+    ms = np.asarray(times_ns, dtype=np.float64) / 1e6
+    return Latency(median_ms=float(np.median(ms)), p90_ms=float(np.percentile(ms, 90)), runs=len(ms))
