@@ -19,9 +19,9 @@ import numpy as np
 from cloud_workers import metrics
 from cloud_workers.config import CloudConfig
 from edge_workers.codecs import CODECS, FRAME_CODECS, UplinkCodec
-from edge_workers.processor import confidence, models_dir
 from edge_workers.reduce import PCA_FILE, PCAModel
-from edge_workers.runtime import load_runtime
+from edge_workers.routing import confidence
+from edge_workers.runtime import load_runtime, models_dir
 
 logger = logging.getLogger(__name__)
 

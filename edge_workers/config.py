@@ -43,6 +43,10 @@ class EdgeConfig:
             raise ConfigError(f"edge.actors must be >= 1, got {self.actors}")
         if self.policy not in POLICIES:
             raise ConfigError(f"edge.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        from edge_workers.denoise import METHODS
+
+        if self.denoise not in METHODS:
+            raise ConfigError(f"edge.denoise must be one of {', '.join(METHODS)}, got {self.denoise!r}")
         if self.codec not in CODECS:
             raise ConfigError(f"edge.codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if not 0.0 <= self.threshold <= 1.0:

@@ -18,34 +18,11 @@ from edge_workers.codecs import UplinkCodec
 from edge_workers.config import EdgeConfig
 from edge_workers.denoise import DenoiseConfig, Denoiser
 from edge_workers.reduce import PCA_FILE, PCAModel
-from edge_workers.runtime import load_runtime
+from edge_workers.routing import confidence
+from edge_workers.runtime import load_runtime, models_dir
 from publishers.wire import Frame
 
 logger = logging.getLogger(__name__)
-
-REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
-
-
-def models_dir(configured: str) -> Path:
-    """The models directory: as configured, else the repository's models/."""
-    return Path(configured) if configured else REPO_MODELS
-
-
-def confidence(logits: np.ndarray) -> np.ndarray:
-    """1 - normalised entropy of softmax(logits). logits: float32 [N, C] -> float32 [N] in [0, 1].
-
-    1 means one class has all the mass; 0 means a uniform distribution (the
-    exit rule of DDNN and KubeEdge Sedna's joint inference).
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 2 or z.shape[1] < 2:
-        raise ValueError(f"expected logits [N, C>=2], got {list(z.shape)}")
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    entropy = -np.sum(p * np.log(np.clip(p, 1e-30, None)), axis=1)
-    return (1.0 - entropy / np.log(z.shape[1])).astype(np.float32)
-
 
 class FrameRejected(ValueError):
     """A decoded frame the edge model cannot take; `reason` is a bounded metric label."""

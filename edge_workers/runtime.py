@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -36,6 +37,14 @@ class ModelRuntime(Protocol):
     def predict(self, x: np.ndarray) -> np.ndarray:
         """x: float32 [N, *input_shape] -> logits float32 [N, classes]."""
         ...
+
+
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def models_dir(configured: str) -> Path:
+    """The models directory: as configured, else the repository's models/."""
+    return Path(configured) if configured else REPO_MODELS
 
 
 _REGISTRY: dict[str, Callable[..., ModelRuntime]] = {}
