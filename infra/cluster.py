@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,15 +38,22 @@ def connect(ray_cfg: RayConfig, edge_actors: int = 0, cloud_actors: int = 0) -> 
 
     if ray.is_initialized():
         return False
-    if ray_cfg.address:
-        ray.init(address=ray_cfg.address, namespace=ray_cfg.namespace, logging_level=logging.WARNING)
-        return False
-    ray.init(
-        num_cpus=ray_cfg.num_cpus or None,
-        resources={"edge": max(edge_actors, 1), "cloud": max(cloud_actors, 1)},
-        namespace=ray_cfg.namespace, include_dashboard=False, logging_level=logging.WARNING,
-    )
-    return True
+    # ray.init installs its own SIGTERM handler (exit 15 at once); keep the caller's (the CLI's
+    # handler unwinds like Ctrl-C so workers and brokers are stopped cleanly).
+    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        if ray_cfg.address:
+            ray.init(address=ray_cfg.address, namespace=ray_cfg.namespace, logging_level=logging.WARNING)
+            return False
+        ray.init(
+            num_cpus=ray_cfg.num_cpus or None,
+            resources={"edge": max(edge_actors, 1), "cloud": max(cloud_actors, 1)},
+            namespace=ray_cfg.namespace, include_dashboard=False, logging_level=logging.WARNING,
+        )
+        return True
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @dataclass

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import select
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from cloud_workers.config import CloudConfig, RayConfig
@@ -10,7 +16,7 @@ from infra import cluster
 from infra.collector import ResultCollector
 from publishers.config import PublishConfig
 from publishers.run import publish
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, REPO
 
 
 @pytest.fixture
@@ -58,3 +64,48 @@ def test_each_actor_lands_on_its_tier_node_and_frames_cross_nodes(two_node_clust
     finally:
         cluster.stop_tier(edge)
         cluster.stop_tier(cloud)
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
+    """Read the process's stderr until a line contains `needle` (bounded by `timeout`)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
+        if ready:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            if needle in line:
+                return line
+    raise AssertionError(f"{needle!r} not seen within {timeout}s; stderr so far:\n{''.join(seen)[-3000:]}")
+
+
+def test_edgeq_cloud_and_edgeq_edge_commands_serve_a_cluster(two_node_cluster, mqtt_cfg) -> None:
+    c, _, _ = two_node_cluster
+    common = ["--ray-address", c.address, "--ray-namespace", "cli-test"]
+    cloud = subprocess.Popen([sys.executable, "-m", "infra.cli", "cloud", *common, "--cloud-metrics-port", "0"],
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    edge = None
+    try:
+        _wait_for_line(cloud, "[cloud] 1 workers up", 120)
+        edge = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "edge", *common, "--broker", mqtt_cfg.address,
+             "--edge-metrics-port", "0", "--policy", "cloud-only"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+        _wait_for_line(edge, "[edge] 2 workers up", 120)
+        collector = ResultCollector(mqtt_cfg, "cli-results").start()
+        try:
+            publish(mqtt_cfg, PublishConfig(devices=2, count=30, rate_hz=0, data_dir=str(DATA_DIR)))
+            assert collector.wait_for(60, 60)
+        finally:
+            answers = collector.stop()
+        assert len(answers.unique) == 60 and answers.tiers == {"cloud": 60}
+        for proc in (edge, cloud):  # SIGTERM stops the workers and exits like Ctrl-C
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 130
+    finally:
+        for proc in (edge, cloud):
+            if proc is not None and proc.poll() is None:
+                proc.kill()

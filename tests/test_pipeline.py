@@ -201,3 +201,29 @@ def test_prometheus_finds_the_workers_metrics(pipeline: Pipeline) -> None:
         assert sum(float(r["value"][1]) for r in by_tier) == 120
         up = prom.query('up{job="edgeq"}')
         assert len(up) == 3 and all(r["value"][1] == "1" for r in up)
+
+
+@pytest.mark.parametrize("pipeline", [{"policy": "cloud-only"}], indirect=True)
+def test_dead_cloud_worker_means_degraded_edge_answers_not_lost_frames(pipeline: Pipeline) -> None:
+    import ray
+
+    ray.kill(pipeline.cloud.handles[0])
+    pub = PublishConfig(devices=2, count=50, rate_hz=0, data_dir=str(DATA_DIR))
+    report, answers = run_frames(pipeline, pub)
+    assert len(answers.unique) == 100 == report.total("acked")
+    assert answers.tiers == {"edge": 100} and answers.degraded == 100
+    assert answers.accuracy >= 0.95  # the edge model answers instead; observed ~0.99
+    m = scrape(pipeline.edge.metrics_targets())
+    assert value(m, "edgeq_results_total", tier="edge", degraded="true") == 100
+    assert value(m, "edgeq_cloud_requests_total", outcome="error") >= 1
+
+
+@pytest.mark.parametrize("pipeline", [{"policy": "cloud-only", "cloud_timeout_s": 0.001}], indirect=True)
+def test_cloud_calls_past_their_deadline_are_answered_degraded_at_the_edge(pipeline: Pipeline) -> None:
+    pub = PublishConfig(devices=2, count=50, rate_hz=0, data_dir=str(DATA_DIR))
+    report, answers = run_frames(pipeline, pub)
+    assert len(answers.unique) == 100 == answers.messages  # a late cloud answer is dropped, not published twice
+    m = scrape(pipeline.edge.metrics_targets())
+    timeouts = value(m, "edgeq_cloud_requests_total", outcome="timeout")
+    assert timeouts >= 1
+    assert answers.degraded == value(m, "edgeq_results_total", degraded="true") >= 1
