@@ -26,13 +26,16 @@ class EdgeConfig:
     model: str = "edge_cnn.onnx"      # edge classifier, relative to models_dir
     models_dir: str = ""              # "" = the repository's models/
     threads: int = 1                  # inference threads per actor
+    # Both chosen on the train split's validation slice by scripts/select_preprocessing.py
+    # (docs/results/preprocessing.md): denoise by edge CNN accuracy on denoised frames, unchanged;
+    # pca_components = bytes per pca-int8 frame, was 48.
     denoise: str = "auto"             # noise reduction: see edge_workers.denoise
-    pca_components: int = 48          # PCA coefficients for the pca-* codecs (must match the cloud PCA model)
+    pca_components: int = 64          # PCA coefficients for the pca-* codecs (must match the cloud PCA model)
     policy: str = "confidence"        # confidence | edge-only | cloud-only
     threshold: float = 0.9            # confidence (1 - normalised entropy) needed to answer at the edge
     # What goes up to the cloud: raw | denoised | pca-f16 | pca-int8. `denoised` feeds the cloud CNN, which
     # is right more often than the edge on the uncertain frames (docs/pipeline.md has the measurement);
-    # pca-int8 moves 16x fewer bytes per forwarded frame to a weaker model.
+    # pca-int8 moves 12x fewer bytes per forwarded frame to a weaker model.
     codec: str = "denoised"
     cloud_timeout_s: float = 2.0      # per cloud call; on timeout the edge answers, marked degraded
     metrics_port: int = 9601          # actor i serves metrics on metrics_port + i; 0 = any free port

@@ -80,7 +80,7 @@ def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = T
                        choices=("none", "median", "impulse", "pca", "median+pca", "impulse+pca", "auto"),
                        help="noise reduction at the edge (default auto)")
         g.add_argument("--pca-components", dest="edge__pca_components", metavar="PCA_COMPONENTS", type=int,
-                       help="PCA coefficients for the pca-* codecs (default 48, must match the cloud PCA model)")
+                       help="PCA coefficients for the pca-* codecs (default 64, must match the cloud PCA model)")
         g.add_argument("--batch-max", dest="edge__batch_max", metavar="BATCH_MAX", type=int, help="max frames per micro-batch (default 64)")
         g.add_argument("--batch-wait-ms", dest="edge__batch_wait_ms", metavar="BATCH_WAIT", type=float,
                        help="max wait for a micro-batch to fill after its first frame (default 5)")

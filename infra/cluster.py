@@ -21,6 +21,9 @@ from cloud_workers.config import CloudConfig, RayConfig
 from cloud_workers.worker import ACTOR_PREFIX as CLOUD_PREFIX
 from cloud_workers.worker import CloudWorker
 from edge_workers.config import EdgeConfig
+from edge_workers.reduce import PCA_FILE
+from edge_workers.runtime import available as available_runtimes
+from edge_workers.runtime import models_dir
 from edge_workers.worker import ACTOR_PREFIX as EDGE_PREFIX
 from edge_workers.worker import EdgeWorker
 from infra.prometheus_server import target_groups
@@ -68,6 +71,15 @@ class Tier:
         return [f"{i['metrics_host']}:{i['metrics_port']}" for i in self.infos if i.get("metrics_port")]
 
 
+def _check_models(directory: str, files: list[str], section: str) -> None:
+    """Fail in the driver, with the path, before actors die on a missing model file."""
+    base = models_dir(directory)
+    missing = [str(base / f) for f in files if not (base / f).is_file()]
+    if missing:
+        raise ConfigError(f"{section}: model file(s) not found: {', '.join(missing)} "
+                          f"(set {section}.models_dir or run `edgeq train` / `edgeq compress`)")
+
+
 def _check_free(names: list[str], namespace: str) -> None:
     import ray
 
@@ -84,6 +96,7 @@ def start_cloud(cfg: CloudConfig, ray_cfg: RayConfig) -> Tier:
     """Launch cfg.actors cloud workers (resource `cloud`) and wait until their models are loaded."""
     import ray
 
+    _check_models(cfg.models_dir, [cfg.frame_model, cfg.pca_model, PCA_FILE], "cloud")
     names = [f"{CLOUD_PREFIX}{i}" for i in range(cfg.actors)]
     _check_free(names, ray_cfg.namespace)
     actor = ray.remote(CloudWorker)
@@ -100,6 +113,9 @@ def start_edge(cfg: EdgeConfig, mqtt_cfg: MqttConfig, ray_cfg: RayConfig, cloud_
     """Launch cfg.actors edge workers (resource `edge`); returns once each is subscribed."""
     import ray
 
+    _check_models(cfg.models_dir, [cfg.model, PCA_FILE], "edge")
+    if cfg.runtime not in available_runtimes():
+        raise ConfigError(f"edge.runtime must be one of {', '.join(available_runtimes())}, got {cfg.runtime!r}")
     names = [f"{EDGE_PREFIX}{i}" for i in range(cfg.actors)]
     _check_free(names, ray_cfg.namespace)
     actor = ray.remote(EdgeWorker)

@@ -85,7 +85,7 @@ def main() -> int:
         "# Confidence routing, measured offline\n\n"
         "Produced by `python scripts/routing_table.py`. The edge CNN (float) classifies denoised frames; frames whose "
         "confidence (1 - normalised entropy) is below the threshold go to the cloud through the codec: `denoised` "
-        "to the cloud CNN, `pca-int8` (48 B) to the MLP on PCA coefficients. Uplink bytes per frame are averaged over "
+        "to the cloud CNN, `pca-int8` (64 B) to the MLP on PCA coefficients. Uplink bytes per frame are averaged over "
         "all frames (payload only).\n\n"
         "## Validation slice of train (used to choose the defaults)\n\n" + val_table + "\n\n"
         "## Held-out test split (reported, not used for choosing)\n\n" + test_table + "\n"

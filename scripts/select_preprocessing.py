@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Select the edge preprocessing defaults (denoise method and constants, cloud PCA k) on the train split's validation slice.
+"""Select the edge preprocessing defaults (denoise constants, cloud PCA k) on the train split's validation slice.
 
 Never tunes on data/mnist test: every choice below is made on the 1,000-image
 validation slice that the reference CNNs did not train on
@@ -40,16 +40,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cloud_workers.pca_model import (  # noqa: E402
-    MLP_FILE, PCA_K_MAX, fit_reduction_models, onnx_mlp_logits, pipeline_coefficients,
+from cloud_workers.pca_model import (
+    MLP_FILE,
+    PCA_K_MAX,
+    fit_reduction_models,
+    onnx_mlp_logits,
+    pipeline_coefficients,
 )
-from cloud_workers.train import TrainConfig, split_train  # noqa: E402
-from edge_workers.codecs import UplinkCodec  # noqa: E402
-from edge_workers.denoise import METHODS, DenoiseConfig, Denoiser  # noqa: E402
-from edge_workers.reduce import PCA_FILE, PCAModel, fit_pca  # noqa: E402
-from edge_workers.runtime import load_runtime  # noqa: E402
-from publishers.datasets import load_mnist  # noqa: E402
-from publishers.noise import NoiseConfig, add_noise  # noqa: E402
+from cloud_workers.train import TrainConfig, split_train
+from edge_workers.codecs import UplinkCodec
+from edge_workers.denoise import METHODS, DenoiseConfig, Denoiser
+from edge_workers.reduce import PCA_FILE, PCAModel, fit_pca
+from edge_workers.runtime import load_runtime
+from publishers.datasets import load_mnist
+from publishers.noise import NoiseConfig, add_noise
 
 CONDITIONS = {
     "clean": NoiseConfig("none", 0.0),
@@ -86,7 +90,8 @@ def make_eval_set(images: np.ndarray, labels: np.ndarray, repeats: int, seed: in
     frames = {}
     for c, (name, cfg) in enumerate(CONDITIONS.items()):
         reps = 1 if not cfg.enabled else repeats
-        frames[name] = np.concatenate([add_noise(images, cfg, np.random.default_rng([seed, c, r])) for r in range(reps)])
+        draws = [add_noise(images, cfg, np.random.default_rng([seed, c, r])) for r in range(reps)]
+        frames[name] = np.concatenate(draws)
     n = len(images)
     return EvalSet(frames, images / np.float32(255.0), np.asarray(labels, dtype=np.int64)), n
 
@@ -178,7 +183,8 @@ def k_table(results: dict[int, dict[str, float]], title: str) -> str:
     names = list(CONDITIONS)
     lines = [f"**{title}**", "", "| k (B/frame) | " + " | ".join(names) + " | mean |", "|" + "---|" * (len(names) + 2)]
     for k, acc in results.items():
-        lines.append(f"| {k} | " + " | ".join(f"{100 * acc[c]:.2f}" for c in names) + f" | {100 * kind_mean(acc):.2f} |")
+        cells = " | ".join(f"{100 * acc[c]:.2f}" for c in names)
+        lines.append(f"| {k} | {cells} | {100 * kind_mean(acc):.2f} |")
     return "\n".join(lines)
 
 
@@ -189,8 +195,8 @@ def select_k(results: dict[int, dict[str, float]], tol: float, max_bytes: int) -
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    floats = lambda s: [float(v) for v in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(v) for v in s.split(",")]
+    floats = lambda s: [float(v) for v in s.split(",")]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=str(ROOT / "data" / "mnist"))
     p.add_argument("--models-dir", default=str(ROOT / "models"), help="where edge_cnn.onnx is read from")
@@ -229,53 +235,50 @@ def main(argv=None) -> int:
                            key=lambda r: (-kind_mean(r[1]["acc"]), kind_mean(r[1]["mse"]))) for m in METHODS]
     rows_sorted = sorted(rows, key=lambda r: (-kind_mean(r[1]["acc"]), kind_mean(r[1]["mse"])))
 
-    out = [f"Validation slice: split_train(train, None, seed={args.seed}) -> fit {len(fit)}, val {len(val)} "
+    out = [(f"Validation slice: split_train(train, None, seed={args.seed}) -> fit {len(fit)}, val {len(val)} "
            f"(the CNNs' early-stopping slice); {args.repeats} noise draws per noisy condition "
            f"({args.repeats * n} frames), clean {n}. Accuracy in %, MSE in (pixels/255)^2. 'mean' = mean over "
-           "kinds clean / gaussian / s&p (s&p = mean of its two levels).", ""]
-    out += [denoise_table(best_per_method, "Validation, best configuration per method (edge CNN on denoised frames)"), ""]
+           "kinds clean / gaussian / s&p (s&p = mean of its two levels)."), ""]
+    title = "Validation, best configuration per method (edge CNN on denoised frames)"
+    out += [denoise_table(best_per_method, title), ""]
     out += [denoise_table(rows_sorted[:15], "Validation, top 15 of the grid"), ""]
     defaults = DenoiseConfig()
     old = [r for r in rows if r[0] == defaults]
     if old:
-        out += [denoise_table(old, "Validation, the previous default"), ""]
-    out += [f"Rule: candidates within {args.acc_tol:g} points of the best mean accuracy, then lowest mean MSE. "
-            f"Winner: `{label(winner)}`. Chosen DenoiseConfig: {asdict(chosen)}.", ""]
+        out += [denoise_table(old, "Validation, DenoiseConfig() as committed"), ""]
+    out += [(f"Rule: candidates within {args.acc_tol:g} points of the best mean accuracy, then lowest mean MSE. "
+            f"Winner: `{label(winner)}`. Chosen DenoiseConfig: {asdict(chosen)}."), ""]
     progress(f"chosen denoise: {asdict(chosen)}")
 
     k_val: dict[int, dict[str, float]] = {}
     chosen_k = None
-    if not args.skip_k:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the k sweep's models, reused for the test report
+        if not args.skip_k:
             for k in args.ks:
-                kdir = Path(tmp) / f"k{k}"
                 progress(f"k sweep: training cloud PCA MLP for k={k} (fit slice, denoise {chosen.method})")
-                fit_reduction_models(args.data_dir, kdir, components=k, seed=args.seed, denoise=chosen,
-                                     progress=lambda m: progress(m) if "epoch" not in m else None)
-                k_val[k] = pca_accuracy(kdir, k, chosen, val_set, n)
+                fit_reduction_models(args.data_dir, Path(tmp) / f"k{k}", components=k, seed=args.seed,
+                                     denoise=chosen, progress=lambda m: progress(m) if "epoch" not in m else None)
+                k_val[k] = pca_accuracy(Path(tmp) / f"k{k}", k, chosen, val_set, n)
                 progress(f"k={k}: val acc mean {100 * kind_mean(k_val[k]):.2f} %")
-        chosen_k = select_k(k_val, args.k_tol, args.max_bytes)
-        out += [k_table(k_val, f"Validation, cloud PCA MLP through denoise({chosen.method})+pca+int8"), "",
-                f"Rule: smallest k <= {args.max_bytes} B/frame within {args.k_tol:g} points of the best mean "
-                f"validation accuracy. Chosen k = {chosen_k}. (The MLP's early stopping also watches this slice, "
-                "clean + sensor noise, so these numbers are slightly optimistic for every k alike.)", ""]
-        progress(f"chosen k: {chosen_k}")
+            chosen_k = select_k(k_val, args.k_tol, args.max_bytes)
+            out += [k_table(k_val, f"Validation, cloud PCA MLP through denoise({chosen.method})+pca+int8"), "",
+                    (f"Rule: smallest k <= {args.max_bytes} B/frame within {args.k_tol:g} points of the best mean "
+                    f"validation accuracy. Chosen k = {chosen_k}. (The MLP's early stopping also watches this "
+                    "slice, clean + sensor noise, so these numbers are slightly optimistic for every k alike.)"), ""]
+            progress(f"chosen k: {chosen_k}")
 
-    if args.test:
-        test = load_mnist(args.data_dir, "test")
-        test_set, nt = make_eval_set(test.images, test.labels, 1, args.seed)
-        out += ["---", "", f"## Held-out test split ({nt} images, 1 noise draw): reporting only, not used to choose", ""]
-        cfgs = {label(c): c for c in (DenoiseConfig("none"), chosen, defaults)}  # deduplicated, in order
-        uniq = [(cfg, evaluate_denoise(cfg, pca, rt, test_set, nt)) for cfg in cfgs.values()]
-        out += [denoise_table(uniq, "Test, edge CNN: no denoising, the chosen setting, the previous default"), ""]
-        if chosen_k is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                kdir = Path(tmp) / "chosen"
-                progress(f"test: training cloud PCA MLP k={chosen_k} for the test report")
-                fit_reduction_models(args.data_dir, kdir, components=chosen_k, seed=args.seed, denoise=chosen,
-                                     progress=lambda m: None)
-                k_test = {chosen_k: pca_accuracy(kdir, chosen_k, chosen, test_set, nt)}
-            out += [k_table(k_test, "Test, cloud PCA MLP at the chosen k"), ""]
+        if args.test:
+            test = load_mnist(args.data_dir, "test")
+            test_set, nt = make_eval_set(test.images, test.labels, 1, args.seed)
+            out += ["---", "", (f"## Held-out test split ({nt} images, 1 noise draw): reporting only, "
+                    "not used to choose"), ""]
+            cfgs = {label(c): c for c in (DenoiseConfig("none"), chosen, defaults)}  # deduplicated, in order
+            uniq = [(cfg, evaluate_denoise(cfg, pca, rt, test_set, nt)) for cfg in cfgs.values()]
+            title = "Test, edge CNN: no denoising, the chosen setting, DenoiseConfig() as committed"
+            out += [denoise_table(uniq, title), ""]
+            if chosen_k is not None:
+                k_test = {chosen_k: pca_accuracy(Path(tmp) / f"k{chosen_k}", chosen_k, chosen, test_set, nt)}
+                out += [k_table(k_test, "Test, cloud PCA MLP at the chosen k"), ""]
 
     text = "\n".join(out)
     print(text)

@@ -108,4 +108,4 @@ def test_committed_model_accuracy_through_pipeline(committed):
         logits = onnx_mlp_logits(MODELS / MLP_FILE, pipeline_coefficients(images, denoiser, codec))
         acc[name] = float(np.mean(logits.argmax(axis=1) == test.labels))
         assert abs(acc[name] - entry["test_accuracy"][name]) <= 0.0005, (name, acc, entry["test_accuracy"])
-    assert acc["gaussian_0.2"] >= 0.97, acc  # observed 0.977 (clean 0.982), k = 48
+    assert acc["gaussian_0.2"] >= 0.97, acc  # observed 0.980 (clean 0.984), k = 64

@@ -129,13 +129,13 @@ def test_edge_only_policy_never_calls_the_cloud(pipeline: Pipeline) -> None:
 
 
 @pytest.mark.parametrize("pipeline", [{"policy": "cloud-only", "codec": "pca-int8"}], indirect=True)
-def test_cloud_only_policy_with_pca_int8_sends_48_bytes_per_frame(pipeline: Pipeline) -> None:
+def test_cloud_only_policy_with_pca_int8_sends_64_bytes_per_frame(pipeline: Pipeline) -> None:
     pub = PublishConfig(devices=2, count=100, rate_hz=0, data_dir=str(DATA_DIR))
     report, answers = run_frames(pipeline, pub)
     assert len(answers.unique) == 200 and answers.tiers == {"cloud": 200}
     assert answers.accuracy >= 0.93, answers.accuracy  # the PCA MLP on clean frames; observed ~0.97
     m = scrape(pipeline.targets)
-    assert value(m, "edgeq_payload_bytes_total", direction="edge_to_cloud") == 200 * 48
+    assert value(m, "edgeq_payload_bytes_total", direction="edge_to_cloud") == 200 * 64
     assert value(m, "edgeq_cloud_frames_total", codec="pca-int8") == 200
 
 
@@ -192,6 +192,8 @@ def test_prometheus_finds_the_workers_metrics(pipeline: Pipeline) -> None:
     assert len(answers.unique) == 120
     with PrometheusServer(config=REPO / "infra" / "prometheus" / "prometheus.yml") as prom:
         prom.set_targets(pipeline.targets, {"deployment": "test"})
+        # All three endpoints (2 edge, 1 cloud) scraped and healthy.
+        prom.wait_for('sum(up{job="edgeq"})', lambda r: r and float(r[0]["value"][1]) == 3, timeout=60)
         frames = prom.wait_for("sum(edgeq_frames_received_total)", lambda r: r and float(r[0]["value"][1]) == 120,
                                timeout=60)
         assert float(frames[0]["value"][1]) == 120
@@ -199,8 +201,8 @@ def test_prometheus_finds_the_workers_metrics(pipeline: Pipeline) -> None:
         assert float(sent[0]["value"][1]) == report.total("bytes_sent")
         by_tier = prom.query("sum by (tier) (edgeq_results_total)")
         assert sum(float(r["value"][1]) for r in by_tier) == 120
-        up = prom.query('up{job="edgeq"}')
-        assert len(up) == 3 and all(r["value"][1] == "1" for r in up)
+        cloud = prom.query('sum(edgeq_cloud_frames_total) or vector(0)')
+        assert float(cloud[0]["value"][1]) == answers.tiers["cloud"]
 
 
 @pytest.mark.parametrize("pipeline", [{"policy": "cloud-only"}], indirect=True)

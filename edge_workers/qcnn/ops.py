@@ -3,7 +3,9 @@
 Importing this module registers the ops (once per process) in
 onnxruntime-extensions' domain ``EXT_DOMAIN``; ``session_options`` returns
 SessionOptions with the extensions library loaded. Files keep the ``ai.edgeq``
-domain; ``export.runtime_model`` maps it to ``EXT_DOMAIN`` in memory.
+domain; ``export.runtime_model`` maps it to ``EXT_DOMAIN`` in memory. Used by the
+runtime's ``mode="extensions"``; each op finds its prepared kernel layer in a per-process
+cache keyed by the node's initializers and attributes.
 """
 
 from __future__ import annotations
@@ -24,30 +26,52 @@ _INPUTS = [PyCustomOpDef.dt_float, PyCustomOpDef.dt_float, PyCustomOpDef.dt_uint
 _INT = PyCustomOpDef.dt_int64
 
 
-def _codes(packed: np.ndarray, num_codes: int, nbits: int, shape: tuple) -> np.ndarray:
+_LAYERS: dict = {}  # (op, attrs, initializer bytes) -> prepared kernels.PQConv / PQGemm
+_MAX_LAYERS = 256
+
+
+def _layer(op_type: str, codebook: np.ndarray, packed: np.ndarray, bias: np.ndarray, a: dict):
+    """The prepared layer for these initializers, unpacked and laid out once per process.
+
+    onnxruntime-extensions hands a Python op fresh copies of its inputs on every call and keeps no
+    per-node state, so the layer is found by value: hashing ~20 KB of bytes costs microseconds,
+    unpacking and transposing the codes costs far more.
+    """
+    codebook = np.ascontiguousarray(codebook, dtype=np.float32)
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    bias = np.ascontiguousarray(bias, dtype=np.float32)
+    key = (op_type, tuple(sorted(a.items())), codebook.shape, codebook.tobytes(), packed.tobytes(), bias.tobytes())
+    layer = _LAYERS.get(key)
+    if layer is None:
+        if len(_LAYERS) >= _MAX_LAYERS:
+            _LAYERS.clear()
+        layer = _LAYERS[key] = _prepare(op_type, codebook, packed, bias, a)
+    return layer
+
+
+def _prepare(op_type: str, codebook: np.ndarray, packed: np.ndarray, bias: np.ndarray, a: dict):
+    """kernels.PQConv / PQGemm from a PQ node's initializers (float32 codebook and bias) and int attributes."""
+    if op_type == "PQGemm":
+        shape = (1, a["M"], a["out_features"])
+    else:
+        shape = (a["kernel_h"] * a["kernel_w"], a["M"] // a["group"], a["out_channels"])
     packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
-    return kernels.unpack_codes_nb(packed, int(num_codes), int(nbits)).reshape(shape)
+    codes = kernels.unpack_codes_nb(packed, int(a["num_codes"]), int(a["nbits"])).reshape(shape)
+    return kernels.from_attrs(op_type, codebook, codes, bias, a)
 
 
 @onnx_op(op_type="PQGemm", inputs=_INPUTS, outputs=[PyCustomOpDef.dt_float],
          attrs={k: _INT for k in COMMON_ATTRS + GEMM_ATTRS})
 def pq_gemm_op(x, codebook, codes, bias, **a):
     """x float32 [N, in_features] -> float32 [N, out_features]."""
-    M = a["M"]
-    codes = _codes(codes, a["num_codes"], a["nbits"], (1, M, a["out_features"]))
-    return kernels.pq_gemm(x, codebook, codes, bias)
+    return _layer("PQGemm", codebook, codes, bias, a).apply(x)
 
 
 @onnx_op(op_type="PQConv", inputs=_INPUTS, outputs=[PyCustomOpDef.dt_float],
          attrs={k: _INT for k in COMMON_ATTRS + CONV_ATTRS})
 def pq_conv_op(x, codebook, codes, bias, **a):
     """x float32 [N, in_channels, H, W] -> float32 [N, out_channels, OH, OW]."""
-    S = a["kernel_h"] * a["kernel_w"]
-    codes = _codes(codes, a["num_codes"], a["nbits"], (S, a["M"] // a["group"], a["out_channels"]))
-    return kernels.pq_conv(x, codebook, codes, bias, (a["kernel_h"], a["kernel_w"]),
-                           (a["stride_h"], a["stride_w"]),
-                           (a["pad_top"], a["pad_left"], a["pad_bottom"], a["pad_right"]),
-                           (a["dilation_h"], a["dilation_w"]), a["group"])
+    return _layer("PQConv", codebook, codes, bias, a).apply(x)
 
 
 def session_options(threads: int = 1):

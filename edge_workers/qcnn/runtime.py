@@ -1,4 +1,28 @@
-"""The ``qcnn`` model runtime: a Q-CNN ONNX file in onnxruntime with the PQ custom ops (numba kernels)."""
+"""The ``qcnn`` model runtime: a Q-CNN ONNX file with its PQ layers run by the numba kernels.
+
+Two execution modes, same numerics (float32 lookup tables summed by code, ``kernels.py``):
+
+* ``mode="direct"`` (default): the graph is cut at its PQConv/PQGemm nodes. Each run of
+  standard nodes between them becomes a small onnxruntime session (same threads), each PQ
+  node a prepared ``kernels.PQConv``/``PQGemm`` (codes unpacked and laid out once at load),
+  and ``predict`` passes numpy arrays from one step to the next.
+* ``mode="extensions"``: one onnxruntime session with the PQ nodes as onnxruntime-extensions
+  Python custom ops (``ops.py``). It needs no graph surgery but pays onnxruntime-extensions'
+  per-call conversion: the op's output goes back to C++ as ``rv.flatten().tolist()`` (a
+  Python float per element, ``onnxruntime_extensions/_ocos.py``), and attributes are re-cast
+  into a new dict on every call.
+
+Why direct is the default (edge_cnn, 1 thread, same kernels in both modes, medians on a
+shared 2-core host, float onnxruntime in the same process for scale): batch 1 0.37 vs
+1.10 ms (float 0.14), batch 32 5.0 vs 18.0 ms (float 2.5), batch 64 9.4 vs 39.0 ms (float
+3.8). In extensions mode the PQ op bodies are ~20% of the time and the conversion the rest,
+far outside the 1.5x that would justify the simpler single session.
+
+Threads: sub-sessions get `threads` intra-op threads without spinning, and the kernels run
+their prange versions over samples. numba's OpenMP layer spins in its barriers by default,
+which costs milliseconds per call when the cores are shared; set ``OMP_WAIT_POLICY=passive``
+(or ``NUMBA_THREADING_LAYER=workqueue``) at process start where that is the case.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +30,33 @@ import numpy as np
 
 from edge_workers.runtime import register
 
+MODES = ("direct", "extensions")
+
 
 @register("qcnn")
 class QcnnRuntime:
-    """Runs a Q-CNN file (ai.edgeq PQConv/PQGemm nodes) through onnxruntime + onnxruntime-extensions.
+    """Runs a Q-CNN file (ai.edgeq PQConv/PQGemm nodes); see the module docstring for `mode`.
 
     threads: onnxruntime intra-op threads and numba threads for the PQ kernels.
     """
 
     key = "qcnn"
 
-    def __init__(self, path: str, threads: int = 1):
+    def __init__(self, path: str, threads: int = 1, mode: str = "direct"):
         import numba
-        import onnxruntime as ort
 
-        from edge_workers.qcnn.export import runtime_model
-        from edge_workers.qcnn.ops import EXT_DOMAIN, session_options
-
-        self.path = path
+        if mode not in MODES:
+            raise ValueError(f"unknown qcnn runtime mode {mode!r}; known {MODES}")
+        self.path, self.mode = path, mode
         self.threads = max(1, int(threads))
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         try:
-            model = runtime_model(path, EXT_DOMAIN)
-            self.session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(self.threads),
-                                                providers=["CPUExecutionProvider"])
+            self._run, self.input_name, input_dims = (_direct if mode == "direct" else _extensions)(path, self.threads)
         except Exception as err:  # onnx / onnxruntime raise their own exception types
             raise ValueError(f"cannot load Q-CNN model {path}: {err}") from err
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.output_name = self.session.get_outputs()[0].name
-        dims = list(inp.shape[1:])
+        dims = list(input_dims[1:])
         if not all(isinstance(d, int) for d in dims):
-            raise ValueError(f"{path}: input {inp.name} needs static per-sample dims, got {inp.shape}")
+            raise ValueError(f"{path}: input {self.input_name} needs static per-sample dims, got {input_dims}")
         self.input_shape = tuple(dims)
 
     def warmup(self) -> None:
@@ -52,4 +71,107 @@ class QcnnRuntime:
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"expected input [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+        return self._run(x)
+
+
+def _extensions(path: str, threads: int):
+    """(run, input name, input dims): one session, PQ nodes as onnxruntime-extensions Python ops."""
+    import onnxruntime as ort
+
+    from edge_workers.qcnn.export import runtime_model
+    from edge_workers.qcnn.ops import EXT_DOMAIN, session_options
+
+    model = runtime_model(path, EXT_DOMAIN)
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    inp, out = session.get_inputs()[0], session.get_outputs()[0].name
+    return (lambda x: session.run([out], {inp.name: x})[0]), inp.name, inp.shape
+
+
+def _direct(path: str, threads: int):
+    """(run, input name, input dims): standard-node segments as onnxruntime sessions, PQ nodes as numba kernels."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_workers.qcnn import kernels
+    from edge_workers.qcnn.export import DOMAIN, PQ_OPS, QcnnFormatError, read_pq
+
+    model = onnx.load(path)
+    g = model.graph
+    for node in g.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise QcnnFormatError(f"node {node.name!r} ({node.op_type}) has a subgraph; use mode='extensions'")
+    inits = {t.name: t for t in g.initializer}
+    init_names = set(inits)
+    graph_inputs = [v for v in g.input if v.name not in init_names]
+    if len(graph_inputs) != 1 or len(g.output) != 1:
+        raise QcnnFormatError(f"expected one input and one output, got {[v.name for v in graph_inputs]} -> "
+                              f"{[v.name for v in g.output]}")
+    # Group nodes (already topologically sorted, as ONNX requires) into PQ nodes and runs of standard nodes.
+    groups: list[list] = []
+    for node in g.node:
+        is_pq = node.domain == DOMAIN
+        if is_pq and node.op_type not in PQ_OPS:
+            raise QcnnFormatError(f"node {node.name!r}: unknown {DOMAIN} op {node.op_type!r}; known {PQ_OPS}")
+        if is_pq or not groups or groups[-1][0].domain == DOMAIN:
+            groups.append([node])
+        else:
+            groups[-1].append(node)
+    needed_later = [set() for _ in groups]  # names read by groups after i, or the graph output
+    later = {g.output[0].name}
+    for i in range(len(groups) - 1, -1, -1):
+        needed_later[i] = set(later)
+        later |= {n for node in groups[i] for n in node.input if n}
+    types = {graph_inputs[0].name: graph_inputs[0].type.tensor_type.elem_type}
+    steps = []
+    for i, nodes in enumerate(groups):
+        if nodes[0].domain == DOMAIN:
+            node = nodes[0]
+            pq, a = read_pq(node, {n: numpy_helper.to_array(inits[n]) for n in node.input[1:]})
+            layer = kernels.from_attrs(node.op_type, pq.codebook, pq.codes, pq.bias, a)
+            steps.append((layer.apply, node.input[0], node.output[0]))
+            types[node.output[0]] = onnx.TensorProto.FLOAT
+        else:
+            session, ins, outs = _segment(model, nodes, inits, types, needed_later[i], threads, f"{path}#{i}")
+            steps.append((session.run, ins, outs))
+    out_name, in_name = g.output[0].name, graph_inputs[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        env = {in_name: x}
+        for fn, ins, outs in steps:
+            if isinstance(outs, str):
+                env[outs] = fn(env[ins])
+            else:
+                env.update(zip(outs, fn(outs, {n: env[n] for n in ins})))
+        return env[out_name]
+
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
+            for d in graph_inputs[0].type.tensor_type.shape.dim]
+    return run, in_name, dims
+
+
+def _segment(model, nodes: list, inits: dict, types: dict, needed: set, threads: int, name: str):
+    """(session, input names, output names) running `nodes` alone; `types` gains the outputs' element types."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from edge_workers.qcnn.export import DOMAIN
+    from edge_workers.runtime import session_options
+
+    produced = {n for node in nodes for n in node.output if n}
+    read = [n for node in nodes for n in node.input if n]
+    ins = list(dict.fromkeys(n for n in read if n not in produced and n not in inits))
+    outs = [n for node in nodes for n in node.output if n in needed]
+    sub = helper.make_graph(nodes, name, [helper.make_tensor_value_info(n, types[n], None) for n in ins],
+                            [onnx.ValueInfoProto(name=n) for n in outs],  # output types: onnxruntime infers them
+                            [inits[n] for n in dict.fromkeys(read) if n in inits])
+    m = helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain != DOMAIN],
+                          ir_version=model.ir_version)
+    so = session_options(threads)
+    if threads > 1:  # spinning onnxruntime workers would take the cores the numba kernels run on next
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    for o in session.get_outputs():  # "tensor(float)" -> TensorProto.FLOAT
+        types[o.name] = onnx.TensorProto.DataType.Value(o.type[len("tensor("):-1].upper())
+    return session, ins, outs

@@ -46,16 +46,16 @@ class QcnnBenchConfig:
     wide_dim: int = 4096  # the wide FC layer is wide_dim -> wide_dim
     wide_eval: int = 256  # random inputs for the wide FC output error
     sweep: bool = True
-    sweep_k: tuple[int, ...] = (16, 32, 64, 128, 256)
-    sweep_dsub: tuple[int, ...] = (2, 4, 8)
+    sweep_k: tuple[int, ...] = (8, 16, 32, 64, 128)  # K > 128 cannot apply to the 128-output FC
+    sweep_dsub: tuple[int, ...] = (4, 8)
     threads: tuple[int, ...] = field(default_factory=lambda: tuple(sorted({1, usable_cores()})))
     seed: int = 0
 
     @classmethod
     def quick(cls, **kw) -> "QcnnBenchConfig":
-        """Few repeats, small calibration and sweep, a 1024-wide FC: for tests and CI."""
-        base = dict(repeats=10, max_seconds=0.5, calib_images=64, eval_images=1000, wide_dim=1024, wide_eval=64,
-                    sweep_k=(16, 64), sweep_dsub=(4,))
+        """Few repeats, small calibration and sweep, a 256-wide FC: for tests and CI."""
+        base = dict(repeats=10, max_seconds=0.5, calib_images=64, eval_images=1000, wide_dim=256, wide_eval=64,
+                    sweep_k=(8, 32), sweep_dsub=(8,))
         base.update(kw)
         return cls(**base)
 
@@ -84,38 +84,58 @@ class Case:
     calib: np.ndarray
     x_eval: np.ndarray
     labels: np.ndarray | None
+    qcnn_overrides: dict = field(default_factory=dict)  # CompressConfig fields for this model
     variants: list[Variant] = field(default_factory=list)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = QcnnBenchConfig()
-    p.add_argument("--quick", action="store_true", help="few repeats, small sweep, 1024-wide FC (tests, CI)")
+    p.add_argument("--quick", action="store_true", help="few repeats, small sweep, 256-wide FC (tests, CI)")
     p.add_argument("--repeats", type=int, help=f"timed calls per latency cell (default {d.repeats}, quick 10)")
     p.add_argument("--out-dir", help=f"where to write qcnn.md and qcnn_sweep.png (default {d.out_dir})")
     p.add_argument("--data-dir", help=f"MNIST IDX directory (default {d.data_dir})")
     p.add_argument("--model", help=f"reference edge CNN (default {d.model})")
     p.add_argument("--calib-images", type=int, help=f"train images for calibration (default {d.calib_images}, quick 64)")
     p.add_argument("--skip-sweep", action="store_true", help="skip the K x dsub sweep and its plot")
+    p.add_argument("--sweep-k", type=_ints, help=f"comma-separated K values (default {_csv(d.sweep_k)})")
+    p.add_argument("--sweep-dsub", type=_ints, help=f"comma-separated dsub values (default {_csv(d.sweep_dsub)})")
+    p.add_argument("--wide-dim", type=int, help=f"the wide FC layer is D -> D (default {d.wide_dim}, quick 256)")
     p.add_argument("--seed", type=int, help=f"seed for calibration sampling, random models and k-means (default {d.seed})")
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+OPTIONS = ("repeats", "out_dir", "data_dir", "model", "calib_images", "seed", "sweep_k", "sweep_dsub", "wide_dim")
+
+
 def config_from_args(args: argparse.Namespace) -> QcnnBenchConfig:
-    given = {k: getattr(args, k, None) for k in ("repeats", "out_dir", "data_dir", "model", "calib_images", "seed")}
+    given = {k: getattr(args, k, None) for k in OPTIONS}
     given = {k: v for k, v in given.items() if v is not None}
     if getattr(args, "skip_sweep", False):
         given["sweep"] = False
     cfg = QcnnBenchConfig.quick(**given) if args.quick else QcnnBenchConfig(**given)
-    if cfg.repeats < 1 or cfg.calib_images < 1:
-        raise ValueError(f"--repeats and --calib-images must be >= 1, got {cfg.repeats} and {cfg.calib_images}")
+    if min(cfg.repeats, cfg.calib_images, cfg.wide_dim) < 1:
+        raise ValueError(f"--repeats, --calib-images and --wide-dim must be >= 1, "
+                         f"got {cfg.repeats}, {cfg.calib_images}, {cfg.wide_dim}")
     return cfg
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The `edgeq bench qcnn ...` command equivalent to `args` (options given, in a fixed order)."""
     words = ["edgeq", "bench", "qcnn"] + (["--quick"] if args.quick else [])
-    for opt in ("repeats", "out_dir", "data_dir", "model", "calib_images", "seed"):
-        if getattr(args, opt, None) is not None:
-            words += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
+    for opt in OPTIONS:
+        value = getattr(args, opt, None)
+        if value is not None:
+            words += ["--" + opt.replace("_", "-"), _csv(value) if isinstance(value, tuple) else str(value)]
     return shlex.join(words + (["--skip-sweep"] if args.skip_sweep else []))
 
 
@@ -128,9 +148,11 @@ def run(args: argparse.Namespace, progress: Progress) -> str:
 
 
 def qcnn_config(cfg: QcnnBenchConfig, error_correction: bool, **overrides):
+    """The compressor's default CompressConfig with this run's calibration size, seed and threads."""
     from edge_workers.qcnn.compress import CompressConfig
 
-    base = CompressConfig(error_correction=error_correction, calib_images=cfg.calib_images, seed=cfg.seed)
+    base = CompressConfig(error_correction=error_correction, calib_images=cfg.calib_images, seed=cfg.seed,
+                          threads=max(cfg.threads))
     return dataclasses.replace(base, **overrides)
 
 
@@ -155,7 +177,7 @@ def build_variants(case: Case, cfg: QcnnBenchConfig, tmp: Path, progress: Progre
     for name, ec in (("Q-CNN k-means", False), ("Q-CNN EC", True)):
         progress(f"[bench qcnn] {case.name}: {name} compression")
         out = tmp / f"{case.path.stem}.{'ec' if ec else 'kmeans'}.qcnn"
-        report, secs = compress(case, out, qcnn_config(cfg, ec), progress)
+        report, secs = compress(case, out, qcnn_config(cfg, ec, **case.qcnn_overrides), progress)
         case.variants.append(Variant(name, "qcnn", out, out.stat().st_size, secs, report=report))
 
 
@@ -212,8 +234,10 @@ def make_cases(cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[Case
     progress(f"[bench qcnn] building the wide FC model {cfg.wide_dim}->{cfg.wide_dim} (random weights)")
     build_wide_fc(wide_path, cfg.wide_dim, cfg.wide_dim, seed=cfg.seed)
     d = cfg.wide_dim
-    wide = Case(f"wide FC {d}->{d}", wide_path, rng.standard_normal((cfg.calib_images, d), dtype=np.float32),
-                rng.standard_normal((cfg.wide_eval, d), dtype=np.float32), None)
+    # At least 2 D calibration inputs: EC's least squares over D input dims needs more rows than D.
+    wide = Case(f"wide FC {d}->{d}", wide_path, rng.standard_normal((max(cfg.calib_images, 2 * d), d), dtype=np.float32),
+                rng.standard_normal((cfg.wide_eval, d), dtype=np.float32), None,
+                qcnn_overrides={"last_fc": "pq"})  # its only layer is the last FC: quantize it too
     return [edge, wide]
 
 
@@ -275,22 +299,24 @@ def latency_table(cases: list[Case], cfg: QcnnBenchConfig) -> Table:
     return t
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def layer_table(cases: list[Case]) -> Table:
     t = Table("Per-layer response error (Q-CNN, k-means vs error correction)",
-              ["model", "layer", "kind", "M", "K", "dsub", "float bytes", "PQ bytes", "k-means", "EC"],
-              note="response error = ||layer output - float layer output||² / ||float layer output||² on "
-                   "calibration inputs, as reported by the compressor; k-means from the k-means run, EC from the EC run.")
+              ["model", "layer", "kind", "stored", "M", "K", "dsub", "float bytes", "stored bytes", "k-means", "EC"],
+              note="response error = ||Y_q - Y||² / ||Y||² of the layer output on the calibration inputs, each "
+                   "network fed its own quantized lower layers, as reported by the compressor (k-means column from "
+                   "the k-means run, EC column from the EC run); layers kept standard have none.")
     for c in cases:
         by_name = {v.name: v.report for v in c.variants if v.report is not None}
         km = {row["name"]: row for row in by_name["Q-CNN k-means"].layers}
         for row in by_name["Q-CNN EC"].layers:
             err_km = km.get(row["name"], row).get("response_error_kmeans")
-            t.add(c.name, row["name"], row["kind"], row["M"], row["K"], row["dsub"], f"{row['float_bytes']:,}",
-                  f"{row['pq_bytes']:,}", _fmt(err_km), _fmt(row.get("response_error_ec")))
+            t.add(c.name, row["name"], row["kind"], row.get("kind_stored", "pq"), _fmt(row["M"], "d"),
+                  _fmt(row["K"], "d"), _fmt(row["dsub"], "d"), f"{row['float_bytes']:,}", f"{row['pq_bytes']:,}",
+                  _fmt(err_km, ".4f"), _fmt(row.get("response_error_ec"), ".4f"))
     return t
 
 
@@ -321,7 +347,9 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         f"Held-out accuracy on the first {len(cases[0].x_eval)} images of the MNIST test split; calibration "
         f"({cfg.calib_images} images) drawn from the train split only.",
         f"The wide FC model has random weights, so accuracy is n/a; its output error is measured on "
-        f"{cfg.wide_eval} random N(0, 1) inputs.",
+        f"{cfg.wide_eval} held-out random N(0, 1) inputs (calibration: {len(cases[1].calib)} other random inputs, "
+        "at least 2 D so EC's least squares is overdetermined). Random weights have no structure for "
+        "k-means to exploit: this model measures size and speed, its error is a worst case.",
         "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
         "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
         "(onnxruntime's CPU guidance).",
