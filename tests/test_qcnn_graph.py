@@ -97,10 +97,11 @@ def test_grouped_strided_dilated_model_runs_in_both_runtimes(tmp_path):
         assert ly["response_error_ec"] < ly["response_error_kmeans"], ly
     export_standard(tmp_path / "q.onnx", tmp_path / "std.onnx")
     x = rng.normal(size=(5, 8, 9, 9)).astype(np.float32)
-    got = load_runtime("qcnn", tmp_path / "q.onnx").predict(x)
     want = load_runtime("onnx", tmp_path / "std.onnx").predict(x)
-    assert got.shape == (5, 40)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for mode in ("direct", "extensions"):  # direct: graph starts and ends with a PQ node, no ORT segment there
+        got = load_runtime("qcnn", tmp_path / "q.onnx", mode=mode).predict(x)
+        assert got.shape == (5, 40)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=mode)
 
 
 def test_cli_compress_writes_both_files_and_reports_layers(tmp_path, capsys):

@@ -40,6 +40,7 @@ CONV_CASES = [
     (12, 9, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 3, 4, 3, 5, 5),
     (4, 4, (5, 5), (3, 2), (2, 2, 2, 2), (1, 1), 4, 1, 3, 11, 10),  # depthwise, dsub 1
     (5, 7, (2, 3), (1, 2), (0, 1, 1, 0), (2, 1), 1, 5, 16, 6, 7),
+    (6, 4, (3, 3), (1, 1), (0, 2, 1, 0), (2, 2), 2, 3, 4, 8, 9),  # stride 1, dilated: runs past the last table
 ]
 
 
@@ -66,10 +67,11 @@ def test_gemm_kernels_match_matmul_with_decoded_weights(C_s, C_t, dsub, K):
     w = rng.normal(size=(C_t, C_s)).astype(np.float32)
     b = rng.normal(size=C_t).astype(np.float32)
     pq = train_kmeans(w, b, dsub=dsub, K=min(K, C_t), seed=2)
-    x = rng.normal(size=(5, C_s)).astype(np.float32)
+    x = rng.normal(size=(70, C_s)).astype(np.float32)
     want = x.astype(np.float64) @ pq.decode()[:, :, 0].T.astype(np.float64) + pq.bias
     np.testing.assert_allclose(kernels.pq_gemm_ref(x, pq.codebook, pq.codes, pq.bias), want, **TOL)
-    np.testing.assert_allclose(kernels.pq_gemm(x, pq.codebook, pq.codes, pq.bias), want, **TOL)
+    for n in (1, 5, 70):  # per-sample kernel, one partial 32-sample block, two full blocks and a partial one
+        np.testing.assert_allclose(kernels.pq_gemm(x[:n], pq.codebook, pq.codes, pq.bias), want[:n], **TOL)
 
 
 def test_decode_places_codewords_by_tap_subspace_and_group():

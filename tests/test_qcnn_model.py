@@ -92,6 +92,28 @@ def test_standard_export_runs_without_custom_ops_and_agrees(compressed, tmp_path
     assert np.array_equal(got.argmax(1), want.argmax(1))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_direct_and_extensions_modes_agree_with_standard_export(compressed, test_split, threads):
+    # direct: onnxruntime sub-sessions + numba kernels; extensions: one session with Python custom ops.
+    # Batch 1 and 3 take the per-sample FC kernel, 37 the 32-sample FC blocks plus a remainder, and with
+    # 2 threads the prange versions of both kernels.
+    plain = ort.InferenceSession(str(REPO / "models" / "edge_cnn.qcnn.std.onnx"), providers=["CPUExecutionProvider"])
+    runtimes = {mode: load_runtime("qcnn", REPO / "models" / "edge_cnn.qcnn.onnx", threads=threads, mode=mode)
+                for mode in ("direct", "extensions")}
+    for n in (1, 3, 37):
+        x = to_input(test_split.images[:n])
+        want = plain.run(None, {"input": x})[0]
+        for mode, rt in runtimes.items():
+            got = rt.predict(x)
+            assert got.shape == (n, 10) and got.dtype == np.float32, mode
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=mode)  # observed max diff ~2e-6
+
+
+def test_qcnn_runtime_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="unknown qcnn runtime mode 'fast'"):
+        load_runtime("qcnn", REPO / "models" / "edge_cnn.qcnn.onnx", mode="fast")
+
+
 def test_qcnn_runtime_interface(compressed):
     rt = load_runtime("qcnn", compressed["dir"] / "ec.onnx", threads=2)
     assert rt.key == "qcnn" and rt.input_shape == (1, 28, 28)
