@@ -22,8 +22,10 @@ class EdgeConfig:
     queue_size: int = 10_000          # bounded ingest queue per actor (messages)
     batch_max: int = 64               # micro-batch: at most this many frames ...
     batch_wait_ms: float = 5.0        # ... or this long after the first one arrives
-    runtime: str = "onnx"             # model runtime key: onnx (float/int8) or qcnn
-    model: str = "edge_cnn.onnx"      # edge classifier, relative to models_dir
+    # The Q-CNN of the edge CNN (16x smaller file, docs/results/qcnn.md) by default; runtime "onnx" with
+    # model "edge_cnn.onnx" runs the float model (or an int8 QDQ file) instead.
+    runtime: str = "qcnn"             # model runtime key: onnx (float/int8 files) or qcnn
+    model: str = "edge_cnn.qcnn.onnx" # edge classifier, relative to models_dir
     models_dir: str = ""              # "" = the repository's models/
     threads: int = 1                  # inference threads per actor
     # Both chosen on the train split's validation slice by scripts/select_preprocessing.py

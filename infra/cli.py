@@ -74,8 +74,8 @@ def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = T
                        help="confidence (1 - normalised entropy) to answer at the edge (default 0.9)")
         g.add_argument("--codec", dest="edge__codec", choices=("raw", "denoised", "pca-f16", "pca-int8"),
                        help="what the edge sends to the cloud (default denoised)")
-        g.add_argument("--runtime", dest="edge__runtime", metavar="RUNTIME", help="edge model runtime: onnx or qcnn (default onnx)")
-        g.add_argument("--model", dest="edge__model", metavar="MODEL", help="edge model file in the models dir (default edge_cnn.onnx)")
+        g.add_argument("--runtime", dest="edge__runtime", metavar="RUNTIME", help="edge model runtime: qcnn or onnx (default qcnn)")
+        g.add_argument("--model", dest="edge__model", metavar="MODEL", help="edge model file in the models dir (default edge_cnn.qcnn.onnx; edge_cnn.onnx with --runtime onnx)")
         g.add_argument("--denoise", dest="edge__denoise",
                        choices=("none", "median", "impulse", "pca", "median+pca", "impulse+pca", "auto"),
                        help="noise reduction at the edge (default auto)")
