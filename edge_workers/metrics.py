@@ -36,7 +36,8 @@ INFERENCE_SECONDS = Histogram(
     "edgeq_inference_seconds", "Model inference time per batch, by model.", ["model"], buckets=LATENCY_BUCKETS
 )
 STAGE_SECONDS = Histogram(
-    "edgeq_stage_seconds", "Edge processing time per batch, by stage.", ["stage"], buckets=LATENCY_BUCKETS
+    "edgeq_stage_seconds", "Edge time per batch, by stage: queue_wait (first frame's arrival to batch start), "
+    "decode, denoise, encode.", ["stage"], buckets=LATENCY_BUCKETS
 )
 E2E_LATENCY = Histogram(
     "edgeq_end_to_end_latency_seconds",

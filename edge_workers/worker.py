@@ -202,6 +202,7 @@ class EdgeWorker:
                 metrics.DROPS.labels("batch_error").inc()
 
     def _handle(self, batch) -> None:
+        metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0, time.time_ns() - batch[0].arrival_ns) / 1e9)
         metrics.FRAMES_RECEIVED.inc(len(batch))
         nbytes = sum(len(m.payload) for m in batch)
         metrics.PAYLOAD_BYTES.labels("device_to_edge").inc(nbytes)
@@ -209,6 +210,7 @@ class EdgeWorker:
         self.counts["received"] += len(batch)
         self.counts["bytes_device_to_edge"] += nbytes
         frames, images = [], []
+        t_decode = time.perf_counter()
         for msg in batch:
             try:
                 frame = decode_frame(msg)
@@ -221,6 +223,7 @@ class EdgeWorker:
             frames.append(frame)
         if not frames:
             return
+        metrics.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t_decode)
         d = self.processor.process(np.stack(images))
         local = np.flatnonzero(~d.to_cloud)
         if len(local):

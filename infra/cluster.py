@@ -71,6 +71,17 @@ class Tier:
         return [f"{i['metrics_host']}:{i['metrics_port']}" for i in self.infos if i.get("metrics_port")]
 
 
+def thread_env(threads: int) -> dict:
+    """Ray runtime_env pinning the BLAS/OpenMP pools of an actor's process to `threads`.
+
+    Measured: with OpenBLAS's default two threads on a busy 2-core machine the
+    denoiser's small matmuls spin (a batch of 8 frames took 32 ms instead of 1.6 ms).
+    """
+    n = str(max(1, threads))
+    return {"env_vars": {"OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
+                         "OMP_WAIT_POLICY": "PASSIVE"}}
+
+
 def _check_models(directory: str, files: list[str], section: str) -> None:
     """Fail in the driver, with the path, before actors die on a missing model file."""
     base = models_dir(directory)
@@ -101,7 +112,8 @@ def start_cloud(cfg: CloudConfig, ray_cfg: RayConfig) -> Tier:
     _check_free(names, ray_cfg.namespace)
     actor = ray.remote(CloudWorker)
     handles = [
-        actor.options(name=n, namespace=ray_cfg.namespace, resources={"cloud": 1}, num_cpus=0).remote(cfg, i)
+        actor.options(name=n, namespace=ray_cfg.namespace, resources={"cloud": 1}, num_cpus=0,
+                      runtime_env=thread_env(cfg.threads)).remote(cfg, i)
         for i, n in enumerate(names)
     ]
     tier = Tier(names, handles)
@@ -120,7 +132,8 @@ def start_edge(cfg: EdgeConfig, mqtt_cfg: MqttConfig, ray_cfg: RayConfig, cloud_
     _check_free(names, ray_cfg.namespace)
     actor = ray.remote(EdgeWorker)
     handles = [
-        actor.options(name=n, namespace=ray_cfg.namespace, resources={"edge": 1}, num_cpus=0)
+        actor.options(name=n, namespace=ray_cfg.namespace, resources={"edge": 1}, num_cpus=0,
+                      runtime_env=thread_env(cfg.threads))
         .remote(cfg, mqtt_cfg, i, tuple(cloud_names), ray_cfg.namespace)
         for i, n in enumerate(names)
     ]
