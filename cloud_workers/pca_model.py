@@ -26,7 +26,7 @@ from cloud_workers.train import (
 )
 from edge_workers.codecs import UplinkCodec, calibrate_int8
 from edge_workers.denoise import DenoiseConfig, Denoiser
-from edge_workers.reduce import PCA_FILE, PCAModel, fit_pca
+from edge_workers.reduce import PCA_FILE, fit_pca
 from publishers.datasets import load_mnist
 from publishers.noise import add_noise
 

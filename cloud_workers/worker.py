@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 
 import numpy as np
@@ -56,16 +55,10 @@ class CloudWorker:
 
     def info(self) -> dict:
         """Where this actor runs and what it accepts (for launchers, tests and edge workers)."""
-        import ray
+        from infra.metrics_server import process_location
 
-        ctx = ray.get_runtime_context() if ray.is_initialized() else None
         return {
-            "index": self.index, "pid": os.getpid(), "node_id": ctx.get_node_id() if ctx else None,
-            "node_ip": ray.util.get_node_ip_address() if ctx else "127.0.0.1",
-            # Where Prometheus can scrape this actor: the bind address, or the node's IP when bound to all.
-            "metrics_host": (ray.util.get_node_ip_address() if ctx else "127.0.0.1")
-            if self.cfg.metrics_addr in ("0.0.0.0", "::", "") else self.cfg.metrics_addr,
-            "metrics_port": self.metrics_port, "pca_k": self.pca_k,
+            **process_location(self.index, self.metrics_port, self.cfg.metrics_addr), "pca_k": self.pca_k,
             "code_sizes": {name: c.code_size for name, c in self.codecs.items()},
         }
 

@@ -80,6 +80,22 @@ def load_runtime(key: str, path: str | os.PathLike, **options) -> ModelRuntime:
     return factory(str(path), **options)
 
 
+def static_input_shape(path: str, name: str, shape) -> tuple[int, ...]:
+    """Per-sample input dims of a model, which must be static: shape [N, *dims] -> dims."""
+    dims = list(shape[1:])
+    if not all(isinstance(d, int) for d in dims):
+        raise ValueError(f"{path}: input {name} needs static per-sample dims, got {shape}")
+    return tuple(dims)
+
+
+def check_batch(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """x as contiguous float32 [N, *input_shape]; ValueError naming both shapes otherwise."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[1:] != tuple(input_shape):
+        raise ValueError(f"expected input [N, {', '.join(map(str, input_shape))}], got {list(x.shape)}")
+    return x
+
+
 def session_options(threads: int = 1):
     """onnxruntime SessionOptions with a fixed thread count (0 = onnxruntime's default: all cores)."""
     import onnxruntime as ort
@@ -110,16 +126,11 @@ class OnnxRuntime:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
-        dims = list(inp.shape[1:])
-        if not all(isinstance(d, int) for d in dims):
-            raise ValueError(f"{path}: input {inp.name} needs static per-sample dims, got {inp.shape}")
-        self.input_shape = tuple(dims)
+        self.input_shape = static_input_shape(path, inp.name, inp.shape)
 
     def warmup(self) -> None:
         self.predict(np.zeros((1, *self.input_shape), dtype=np.float32))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[1:] != self.input_shape:
-            raise ValueError(f"expected input [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
+        x = check_batch(x, self.input_shape)
         return self.session.run([self.output_name], {self.input_name: x})[0]

@@ -83,16 +83,9 @@ class EdgeWorker:
         return self.info()
 
     def info(self) -> dict:
-        import ray
+        from infra.metrics_server import process_location
 
-        ctx = ray.get_runtime_context() if ray.is_initialized() else None
-        return {
-            "index": self.index, "pid": os.getpid(), "node_id": ctx.get_node_id() if ctx else None,
-            "node_ip": ray.util.get_node_ip_address() if ctx else "127.0.0.1",
-            # Where Prometheus can scrape this actor: the bind address, or the node's IP when bound to all.
-            "metrics_host": (ray.util.get_node_ip_address() if ctx else "127.0.0.1")
-            if self.cfg.metrics_addr in ("0.0.0.0", "::", "") else self.cfg.metrics_addr, "metrics_port": self.metrics_port,
-        }
+        return process_location(self.index, self.metrics_port, self.cfg.metrics_addr)
 
     def stats(self) -> dict:
         """Counters since start (plain ints), plus the current queue depth and dropped-by-reason."""

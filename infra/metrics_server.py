@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.registry import CollectorRegistry
@@ -33,3 +34,19 @@ def serve_metrics(port: int, addr: str = "127.0.0.1", registry: CollectorRegistr
         raise RuntimeError("serve_metrics(0) needs prometheus-client >= 0.20 to report the port it bound")
     logger.info("metrics on http://%s:%d/metrics", addr, bound)
     return bound
+
+
+def process_location(index: int, metrics_port: int | None, metrics_addr: str) -> dict:
+    """Where a worker process runs and where Prometheus can scrape it (Ray node when inside Ray).
+
+    metrics_host is the bind address, or the node's IP when bound to all interfaces.
+    """
+    import ray
+
+    inside = ray.is_initialized()
+    node_ip = ray.util.get_node_ip_address() if inside else "127.0.0.1"
+    return {
+        "index": index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id() if inside else None,
+        "node_ip": node_ip, "metrics_port": metrics_port,
+        "metrics_host": node_ip if metrics_addr in ("0.0.0.0", "::", "") else metrics_addr,
+    }

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_workers.runtime import register
+from edge_workers.runtime import check_batch, register, static_input_shape
 
 MODES = ("direct", "extensions")
 
@@ -54,10 +54,7 @@ class QcnnRuntime:
             self._run, self.input_name, input_dims = (_direct if mode == "direct" else _extensions)(path, self.threads)
         except Exception as err:  # onnx / onnxruntime raise their own exception types
             raise ValueError(f"cannot load Q-CNN model {path}: {err}") from err
-        dims = list(input_dims[1:])
-        if not all(isinstance(d, int) for d in dims):
-            raise ValueError(f"{path}: input {self.input_name} needs static per-sample dims, got {input_dims}")
-        self.input_shape = tuple(dims)
+        self.input_shape = static_input_shape(path, self.input_name, input_dims)
 
     def warmup(self) -> None:
         """Compile / load the numba kernels and let onnxruntime allocate, on one zero sample."""
@@ -67,9 +64,7 @@ class QcnnRuntime:
         """x: float32 [N, *input_shape] -> logits float32 [N, classes]."""
         import numba
 
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[1:] != self.input_shape:
-            raise ValueError(f"expected input [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}")
+        x = check_batch(x, self.input_shape)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         return self._run(x)
 
