@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import shlex
 import tempfile
 import time
@@ -30,6 +31,7 @@ Progress = Callable[[str], None]
 VARIANTS = ("float", "int8 QDQ", "Q-CNN k-means", "Q-CNN EC")
 BATCHES = (1, 32)
 EVAL_BATCH = 256
+QCNN_KEYS = ("conv_k", "conv_dsub", "fc_k", "fc_dsub", "last_fc", "ec_iters", "codebook_dtype")  # shown in the notes
 
 
 @dataclass
@@ -43,7 +45,10 @@ class QcnnBenchConfig:
     max_seconds: float = 3.0  # per latency cell: stop early past this (at least 5 calls)
     calib_images: int = 512  # train images for int8 calibration and Q-CNN (k-means on responses, EC)
     eval_images: int | None = None  # held-out test images for accuracy; None = the whole split
-    wide_dim: int = 4096  # the wide FC layer is wide_dim -> wide_dim
+    # The wide FC is wide_dim -> wide_dim. The issue asks for 4096; the compressor's k-means (scikit-learn,
+    # one fit per subspace, run once per Q-CNN variant) and EC take well over 10 min at 4096 on 2 cores,
+    # so the default run uses 1024 and `--wide-dim 4096` is opt-in.
+    wide_dim: int = 1024
     wide_eval: int = 256  # random inputs for the wide FC output error
     sweep: bool = True
     sweep_k: tuple[int, ...] = (8, 16, 32, 64, 128)  # K > 128 cannot apply to the 128-output FC
@@ -99,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-sweep", action="store_true", help="skip the K x dsub sweep and its plot")
     p.add_argument("--sweep-k", type=_ints, help=f"comma-separated K values (default {_csv(d.sweep_k)})")
     p.add_argument("--sweep-dsub", type=_ints, help=f"comma-separated dsub values (default {_csv(d.sweep_dsub)})")
-    p.add_argument("--wide-dim", type=int, help=f"the wide FC layer is D -> D (default {d.wide_dim}, quick 256)")
+    p.add_argument("--wide-dim", type=int, help=f"the wide FC layer is D -> D (default {d.wide_dim}, quick 256; 4096 takes "
+                   "well over 10 min to compress)")
     p.add_argument("--seed", type=int, help=f"seed for calibration sampling, random models and k-means (default {d.seed})")
 
 
@@ -210,9 +216,8 @@ def time_variants(case: Case, cfg: QcnnBenchConfig, progress: Progress) -> None:
                 rt = load_runtime(v.key, v.path, threads=threads)  # a fresh runtime sets its own thread pools
                 rt.warmup()
                 v.latency[batch, threads] = lat = measure_latency(
-                    lambda: rt.predict(x), cfg.repeats, warmup=3, max_seconds=cfg.max_seconds
+                    functools.partial(rt.predict, x), cfg.repeats, warmup=3, max_seconds=cfg.max_seconds
                 )
-                del rt
                 progress(f"[bench qcnn] {case.name} / {v.name}: batch {batch}, {threads} thread(s): "
                          f"median {lat.median_ms:.3f} ms over {lat.runs} runs")
 
@@ -350,6 +355,9 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         f"{cfg.wide_eval} held-out random N(0, 1) inputs (calibration: {len(cases[1].calib)} other random inputs, "
         "at least 2 D so EC's least squares is overdetermined). Random weights have no structure for "
         "k-means to exploit: this model measures size and speed, its error is a worst case.",
+        "Q-CNN main rows use the compressor's CompressConfig defaults ("
+        + ", ".join(f"{k}={cases[0].variants[-1].report.config.get(k)}" for k in QCNN_KEYS)
+        + "); the wide FC also sets last_fc=pq (its only layer). The sweep sets conv_k=fc_k=K and conv_dsub=fc_dsub=dsub.",
         "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
         "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
         "(onnxruntime's CPU guidance).",
