@@ -27,7 +27,7 @@ from edge_workers.runtime import models_dir
 from edge_workers.worker import ACTOR_PREFIX as EDGE_PREFIX
 from edge_workers.worker import EdgeWorker
 from infra.prometheus_server import target_groups
-from publishers.errors import ConfigError
+from publishers.errors import ConfigError, EdgeqError
 from publishers.mqtt import MqttConfig
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,33 @@ class Tier:
 
     def metrics_targets(self) -> list[str]:
         return [f"{i['metrics_host']}:{i['metrics_port']}" for i in self.infos if i.get("metrics_port")]
+
+
+class WorkerStartError(EdgeqError):
+    """Actors of a tier failed while starting (bad model file, port in use, broker unreachable, ...)."""
+
+
+def _gather(tier: str, handles: list, method: str) -> list:
+    """Call `method` on every new actor and wait; on failure kill them all and raise one readable error."""
+    import ray
+
+    try:
+        return ray.get([getattr(h, method).remote() for h in handles], timeout=START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError as err:
+        _kill(handles)
+        raise WorkerStartError(f"{tier} workers not ready after {START_TIMEOUT_S:.0f}s "
+                               f"(does the cluster have enough `{tier}` resources?)") from err
+    except ray.exceptions.RayError as err:
+        _kill(handles)
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise WorkerStartError(f"{tier} workers failed to start: {lines[-1] if lines else err}") from err
+
+
+def _kill(handles: list) -> None:
+    import ray
+
+    for h in handles:
+        ray.kill(h)
 
 
 def thread_env(threads: int) -> dict:
@@ -117,7 +144,7 @@ def start_cloud(cfg: CloudConfig, ray_cfg: RayConfig) -> Tier:
         for i, n in enumerate(names)
     ]
     tier = Tier(names, handles)
-    tier.infos = ray.get([h.info.remote() for h in handles], timeout=START_TIMEOUT_S)
+    tier.infos = _gather("cloud", handles, "info")
     return tier
 
 
@@ -138,7 +165,7 @@ def start_edge(cfg: EdgeConfig, mqtt_cfg: MqttConfig, ray_cfg: RayConfig, cloud_
         for i, n in enumerate(names)
     ]
     tier = Tier(names, handles)
-    tier.infos = ray.get([h.ready.remote() for h in handles], timeout=START_TIMEOUT_S)
+    tier.infos = _gather("edge", handles, "ready")
     return tier
 
 
@@ -152,8 +179,7 @@ def stop_tier(tier: Tier, method: str | None = None, timeout: float = 30.0) -> l
             out = ray.get([getattr(h, method).remote() for h in tier.handles], timeout=timeout)
         except Exception as err:  # a dead actor must not keep the others running
             logger.warning("stopping %s: %s", tier.names, err)
-    for h in tier.handles:
-        ray.kill(h)
+    _kill(tier.handles)
     return out
 
 

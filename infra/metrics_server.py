@@ -25,7 +25,11 @@ def serve_metrics(port: int, addr: str = "127.0.0.1", registry: CollectorRegistr
     """
     if not 0 <= port < 65536:
         raise ValueError(f"metrics port must be in 0..65535 (0 = any free port), got {port}")
-    started = start_http_server(port, addr=addr, registry=registry)
+    try:
+        started = start_http_server(port, addr=addr, registry=registry)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot serve metrics on {addr}:{port}: {err.strerror} "
+                                 "(pick another metrics_port, or 0 for any free port)") from err
     if isinstance(started, tuple):  # prometheus-client >= 0.20 returns (server, thread)
         bound = int(started[0].server_port)
     elif port:

@@ -229,3 +229,22 @@ def test_cloud_calls_past_their_deadline_are_answered_degraded_at_the_edge(pipel
     timeouts = value(m, "edgeq_cloud_requests_total", outcome="timeout")
     assert timeouts >= 1
     assert answers.degraded == value(m, "edgeq_results_total", degraded="true") >= 1
+
+
+def test_worker_start_failures_are_one_clear_error(local_ray, mqtt_cfg) -> None:
+    import socket
+
+    from infra.cluster import WorkerStartError
+    from publishers.errors import ConfigError
+
+    ray_cfg = RayConfig(namespace="start-errors")
+    with pytest.raises(ConfigError, match="model file.*not found.*nope.onnx"):
+        cluster.start_edge(EdgeConfig(model="nope.onnx"), mqtt_cfg, ray_cfg, [])
+    with pytest.raises(ConfigError, match="edge.runtime must be one of"):
+        cluster.start_edge(EdgeConfig(runtime="tflite"), mqtt_cfg, ray_cfg, [])
+    with socket.socket() as busy:  # a metrics port somebody else holds
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(WorkerStartError, match=f"cannot serve metrics on 127.0.0.1:{port}.*in use"):
+            cluster.start_cloud(CloudConfig(actors=1, metrics_port=port), ray_cfg)
