@@ -60,3 +60,19 @@ def test_error_correction_beats_kmeans_on_fc_and_grouped_conv():
     fixed_c = ec.error_correct(stats_c, km_c, iters=6)
     assert ec.response_error(stats_c, fixed_c.decode(), fixed_c.bias) < ec.response_error(stats_c, km_c.decode(), km_c.bias)
     assert fixed_c.codes.max() < 3 and fixed_c.codebook.shape == (4, 3, 2)
+
+
+def test_chunked_sweep_and_parallel_kmeans_give_the_same_result():
+    """EC's chunked products and k-means' side-by-side fits are speed-ups only: same codes and codebooks."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(3000, 9, 8)) @ rng.normal(size=(8, 8))  # [R, S, C_in], correlated channels, 3x3 taps
+    W = rng.normal(size=(12, 8, 3, 3)).astype(np.float32)
+    stats = ec.stats_from_rows(X, X.reshape(3000, -1) @ W.transpose(0, 2, 3, 1).reshape(12, -1).T, 1)
+    km = train_kmeans(W, np.zeros(12), dsub=2, K=4, seed=0)
+    km2 = train_kmeans(W, np.zeros(12), dsub=2, K=4, seed=0, threads=2)
+    assert np.array_equal(km.codes, km2.codes) and np.array_equal(km.codebook, km2.codebook)
+    one = ec.error_correct(stats, km, iters=3, chunk_rows=1)  # one subspace per product: the plain sweep
+    chunked = ec.error_correct(stats, km, iters=3, chunk_rows=36)  # two subspaces per product
+    assert np.array_equal(one.codes, chunked.codes)
+    assert np.allclose(one.codebook, chunked.codebook, rtol=1e-5, atol=1e-6)
+    assert ec.response_error(stats, chunked.decode(), chunked.bias) < ec.response_error(stats, km.decode(), km.bias)

@@ -239,12 +239,21 @@ def with_weights(model, layers: list[LinearLayer], weights: dict):
 
 
 def activations(model, x: np.ndarray, names: list[str], batch: int = 500, threads: int = 1) -> dict[str, np.ndarray]:
-    """Run `model` (onnx.ModelProto) on x float32 [N, ...]; return the named tensors (float32 [N, ...])."""
+    """Run `model` (onnx.ModelProto) on x float32 [N, ...]; return the named tensors (float32 [N, ...]).
+
+    A name that is the graph input is x itself; the model only runs when other names are asked for.
+    """
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from edge_workers.runtime import session_options
 
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    found = {n: x for n in names if n in inputs}
+    names = [n for n in names if n not in inputs]
+    if not names:
+        return found
     m = type(model)()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
@@ -252,6 +261,5 @@ def activations(model, x: np.ndarray, names: list[str], batch: int = 500, thread
     sess = ort.InferenceSession(m.SerializeToString(), sess_options=session_options(threads),
                                 providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0].name
-    x = np.ascontiguousarray(x, dtype=np.float32)
     parts = [sess.run(list(names), {inp: x[i:i + batch]}) for i in range(0, len(x), batch)]
-    return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
+    return {**found, **{n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}}

@@ -120,15 +120,21 @@ class PQWeights:
 
 
 def train_kmeans(weight: np.ndarray, bias: np.ndarray, dsub: int, K: int, group: int = 1,
-                 seed: int = 0, n_init: int = 4) -> PQWeights:
-    """Learn sub-codebooks by k-means (scikit-learn) over a layer's weight sub-vectors.
+                 seed: int = 0, n_init: int = 4, max_iter: int = 300, threads: int = 1) -> PQWeights:
+    """Learn sub-codebooks by k-means (scikit-learn, k-means++ init) over a layer's weight sub-vectors.
 
     weight: float32 [C_out, C_in/group, kh, kw] (conv) or [C_t, C_s] (FC); bias: float32 [C_out].
     Each subspace's k-means runs over the (C_out/group) * S sub-vectors of dimension dsub
-    that fall into it (all taps share the codebook). Raises ValueError when dsub does not
-    divide C_in/group or a subspace has fewer than K sub-vectors.
+    that fall into it (all taps share the codebook), with `n_init` restarts of at most
+    `max_iter` Lloyd iterations. The fits are small, so each runs single-threaded (one
+    threadpoolctl limit for the whole call, not one per fit) and `threads` fits run side by
+    side; every fit has its own seed, so the result does not depend on `threads`.
+    Raises ValueError when dsub does not divide C_in/group or a subspace has fewer than K sub-vectors.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     w = weight_taps(weight)
     C_out, Cg, S = w.shape
@@ -136,16 +142,27 @@ def train_kmeans(weight: np.ndarray, bias: np.ndarray, dsub: int, K: int, group:
         raise ValueError(f"dsub={dsub} must divide the input dims per group, got {Cg}")
     if C_out % group:
         raise ValueError(f"group={group} must divide C_out={C_out}")
+    if min(n_init, max_iter, threads) < 1:
+        raise ValueError(f"n_init, max_iter and threads must be >= 1, got {n_init}, {max_iter}, {threads}")
     Mg, Cog = Cg // dsub, C_out // group
     if Cog * S < K:
         raise ValueError(f"K={K} codewords need at least {K} sub-vectors per subspace, layer has {Cog * S}")
     codebook = np.empty((group * Mg, K, dsub), np.float32)
     codes = np.empty((S, Mg, C_out), np.int32)
-    for g in range(group):
-        for j in range(Mg):
-            sub = w[g * Cog:(g + 1) * Cog, j * dsub:(j + 1) * dsub, :]  # [Cog, dsub, S]
-            points = sub.transpose(2, 0, 1).reshape(S * Cog, dsub).astype(np.float64)
-            km = KMeans(n_clusters=K, n_init=n_init, random_state=seed + 7919 * (g * Mg + j)).fit(points)
-            codebook[g * Mg + j] = km.cluster_centers_
-            codes[:, j, g * Cog:(g + 1) * Cog] = km.labels_.reshape(S, Cog)
+
+    def fit(m: int) -> None:  # global subspace m = g * Mg + j
+        g, j = divmod(m, Mg)
+        sub = w[g * Cog:(g + 1) * Cog, j * dsub:(j + 1) * dsub, :]  # [Cog, dsub, S]
+        points = sub.transpose(2, 0, 1).reshape(S * Cog, dsub).astype(np.float64)
+        km = KMeans(n_clusters=K, n_init=n_init, max_iter=max_iter, random_state=seed + 7919 * m).fit(points)
+        codebook[m] = km.cluster_centers_
+        codes[:, j, g * Cog:(g + 1) * Cog] = km.labels_.reshape(S, Cog)
+
+    with threadpool_limits(1):
+        if threads == 1:
+            for m in range(group * Mg):
+                fit(m)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(fit, range(group * Mg)))
     return PQWeights(codebook, codes, np.asarray(bias, np.float32).copy(), group)

@@ -45,10 +45,9 @@ class QcnnBenchConfig:
     max_seconds: float = 3.0  # per latency cell: stop early past this (at least 5 calls)
     calib_images: int = 512  # train images for int8 calibration and Q-CNN (k-means on responses, EC)
     eval_images: int | None = None  # held-out test images for accuracy; None = the whole split
-    # The wide FC is wide_dim -> wide_dim. The issue asks for 4096; the compressor's k-means (scikit-learn,
-    # one fit per subspace, run once per Q-CNN variant) and EC take well over 10 min at 4096 on 2 cores,
-    # so the default run uses 1024 and `--wide-dim 4096` is opt-in.
-    wide_dim: int = 1024
+    # The wide FC is wide_dim -> wide_dim (4096 as the issue asks). Compressing it takes about 1 min per
+    # Q-CNN variant on 2 cores thanks to CompressConfig's wide-layer settings (wide_subspaces etc.).
+    wide_dim: int = 4096
     wide_eval: int = 256  # random inputs for the wide FC output error
     sweep: bool = True
     sweep_k: tuple[int, ...] = (8, 16, 32, 64, 128)  # K > 128 cannot apply to the 128-output FC
@@ -104,8 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-sweep", action="store_true", help="skip the K x dsub sweep and its plot")
     p.add_argument("--sweep-k", type=_ints, help=f"comma-separated K values (default {_csv(d.sweep_k)})")
     p.add_argument("--sweep-dsub", type=_ints, help=f"comma-separated dsub values (default {_csv(d.sweep_dsub)})")
-    p.add_argument("--wide-dim", type=int, help=f"the wide FC layer is D -> D (default {d.wide_dim}, quick 256; 4096 takes "
-                   "well over 10 min to compress)")
+    p.add_argument("--wide-dim", type=int, help=f"the wide FC layer is D -> D (default {d.wide_dim}, quick 256)")
     p.add_argument("--seed", type=int, help=f"seed for calibration sampling, random models and k-means (default {d.seed})")
 
 
@@ -325,6 +323,29 @@ def layer_table(cases: list[Case]) -> Table:
     return t
 
 
+def wide_note(case: Case) -> str:
+    """What the wide FC's Q-CNN rows show: the wide-layer settings used and whether EC held up out of sample."""
+    by_name = {v.name: v for v in case.variants}
+    km, ec = by_name["Q-CNN k-means"], by_name["Q-CNN EC"]
+    cfg = ec.report.config
+    ly = ec.report.layers[0]
+    wide = ly["M"] is not None and ly["M"] > cfg["wide_subspaces"]
+    text = (f"Wide-layer settings: layers with more than wide_subspaces={cfg['wide_subspaces']} subspaces "
+            f"({'this one has' if wide else 'not this one:'} M={ly['M']}) use k-means with "
+            f"n_init={cfg['wide_kmeans_n_init']}, max_iter={cfg['wide_kmeans_max_iter']} and "
+            f"{cfg['wide_ec_iters']} EC sweeps (other layers: n_init={cfg['kmeans_n_init']}, "
+            f"max_iter={cfg['kmeans_max_iter']}, {cfg['ec_iters']} sweeps). ")
+    err_km, err_ec = km.rel_error, ec.rel_error
+    if err_ec > err_km:
+        return text + (f"On this random layer EC overfits: it lowers the response error on the calibration inputs "
+                       f"({ly['response_error_kmeans']:.4f} -> {ly['response_error_ec']:.4f}, per-layer table) but the "
+                       f"held-out output error is worse than plain k-means ({err_ec:.4f} vs {err_km:.4f}). With "
+                       f"random weights and random inputs there is no structure for PQ or EC to exploit, so what EC fits to the "
+                       f"{len(case.calib)} calibration rows (every code and codeword of {ly['M']} subspaces) does not "
+                       "carry over to new inputs; the edge CNN rows are the meaningful accuracy test.")
+    return text + f"EC's held-out output error {err_ec:.4f} vs k-means {err_km:.4f}."
+
+
 def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
     """Run everything, write qcnn.md (and qcnn_sweep.png); returns the text for stdout."""
     t_start = time.perf_counter()
@@ -355,6 +376,7 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         f"{cfg.wide_eval} held-out random N(0, 1) inputs (calibration: {len(cases[1].calib)} other random inputs, "
         "at least 2 D so EC's least squares is overdetermined). Random weights have no structure for "
         "k-means to exploit: this model measures size and speed, its error is a worst case.",
+        wide_note(cases[1]),
         "Q-CNN main rows use the compressor's CompressConfig defaults ("
         + ", ".join(f"{k}={cases[0].variants[-1].report.config.get(k)}" for k in QCNN_KEYS)
         + "); the wide FC also sets last_fc=pq (its only layer). The sweep sets conv_k=fc_k=K and conv_dsub=fc_dsub=dsub.",
