@@ -6,14 +6,14 @@ import logging
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
+from infra.child_server import ChildServer, free_port, port_open
 from publishers.errors import BrokerError
+
+__all__ = ["DEV_CONF", "MosquittoBroker", "find_mosquitto", "free_port", "port_open"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +32,7 @@ def find_mosquitto() -> str:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on `host` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-class MosquittoBroker:
+class MosquittoBroker(ChildServer):
     """A Mosquitto child process with its own config, data directory and log.
 
     The port is chosen once and kept across restart(), so clients reconnect
@@ -65,27 +50,13 @@ class MosquittoBroker:
         base_conf: Path = DEV_CONF,
         extra_conf: tuple[str, ...] = (),
     ) -> None:
-        self.host = host
-        self._fixed_port = port is not None
-        self.port = port if port is not None else free_port(host)
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeq-mosquitto-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(port, host, workdir, prefix="edgeq-mosquitto-")
         self.base_conf = Path(base_conf)
         self.extra_conf = extra_conf
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
         return self.workdir / "mosquitto.log"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def write_config(self) -> Path:
         """Write the effective config: the base file with listener, data and log lines replaced."""
@@ -116,6 +87,8 @@ class MosquittoBroker:
         if self.log_path.exists():
             os.chown(self.log_path, user.pw_uid, user.pw_gid)
         return []
+
+    NAME = "mosquitto"
 
     def start(self, timeout: float = 10.0) -> "MosquittoBroker":
         """Start the broker and wait until it accepts TCP connections."""
@@ -163,40 +136,8 @@ class MosquittoBroker:
             parts.append("\n".join(self.log_path.read_text(errors="replace").splitlines()[-10:]))
         return "\n".join(p for p in parts if p) or "no output (timed out)"
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (Mosquitto saves its persistence file), then SIGKILL after `timeout`."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("mosquitto pid %d ignored SIGTERM for %.0fs; killing it", proc.pid, timeout)
-                proc.kill()
-                proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-
     def restart(self, down_s: float = 0.0) -> None:
         """Stop, stay down for `down_s` seconds, start again on the same port."""
         self.stop()
         time.sleep(down_s)
         self.start()
-
-    def close(self) -> None:
-        """Stop the broker and remove the data directory it created."""
-        self.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> "MosquittoBroker":
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

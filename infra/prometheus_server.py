@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -18,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from infra.broker import free_port, port_open
+from infra.child_server import ChildServer, free_port, port_open
 from publishers.errors import EdgeqError
 
 logger = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def target_groups(targets: Iterable[str | tuple[str, int]], labels: Mapping[str,
     return [{"targets": addresses, "labels": clean_labels}] if addresses else []
 
 
-class PrometheusServer:
+class PrometheusServer(ChildServer):
     """A Prometheus child process with a private config copy, targets directory and TSDB.
 
     The config (infra/prometheus/prometheus.yml by default) is copied into
@@ -74,6 +73,8 @@ class PrometheusServer:
             prom.wait_for("up", lambda r: r and r[0]["value"][1] == "1", timeout=10)
     """
 
+    NAME = "prometheus"
+
     def __init__(
         self,
         config: str | Path = PROMETHEUS_YML,
@@ -82,19 +83,9 @@ class PrometheusServer:
         workdir: str | Path | None = None,
         retention: str = "1h",
     ) -> None:
-        self.host = host
-        self._fixed_port = port is not None
-        self.port = port if port is not None else free_port(host)
+        super().__init__(port, host, workdir, prefix="edgeq-prometheus-")
         self.config = Path(config)
         self.retention = retention
-        self._own_workdir = workdir is None
-        # Under /tmp rather than pytest's tmp_path: the binary may run as another user.
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeq-prometheus-"))
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -111,10 +102,6 @@ class PrometheusServer:
     @property
     def log_path(self) -> Path:
         return self.workdir / "prometheus.log"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout: float = 30.0) -> PrometheusServer:
         """Start Prometheus and wait until /-/ready answers 200 (TSDB open, config loaded)."""
@@ -254,32 +241,3 @@ class PrometheusServer:
                     f"last result {result}; targets (instance, health, error): {targets}"
                 )
             time.sleep(interval)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (Prometheus closes its TSDB), then SIGKILL after `timeout` seconds."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("prometheus pid %d ignored SIGTERM for %.0fs; killing it", proc.pid, timeout)
-            proc.kill()
-            proc.wait()
-
-    def close(self) -> None:
-        """Stop Prometheus and remove the working directory it created."""
-        self.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> PrometheusServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
