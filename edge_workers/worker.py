@@ -183,7 +183,9 @@ class EdgeWorker:
         wait_s = self.cfg.batch_wait_ms / 1000.0
         while not self._stop.is_set():
             try:
-                batch = self.sub.get_batch(self.cfg.batch_max, 0.05, linger_s=wait_s)
+                # With cloud calls in flight, come back soon to finish them; otherwise sleep on the queue.
+                first_wait = 0.002 if self.pending else 0.05
+                batch = self.sub.get_batch(self.cfg.batch_max, first_wait, linger_s=wait_s)
                 metrics.QUEUE_DEPTH.set(self.sub.queue.qsize())
                 if batch:
                     self._handle(batch)

@@ -83,7 +83,7 @@ def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = T
                        help="PCA coefficients for the pca-* codecs (default 64, must match the cloud PCA model)")
         g.add_argument("--batch-max", dest="edge__batch_max", metavar="BATCH_MAX", type=int, help="max frames per micro-batch (default 64)")
         g.add_argument("--batch-wait-ms", dest="edge__batch_wait_ms", metavar="BATCH_WAIT", type=float,
-                       help="max wait for a micro-batch to fill after its first frame (default 5)")
+                       help="max wait for a micro-batch to fill after its first frame (default 0: take what is queued)")
         g.add_argument("--cloud-timeout", dest="edge__cloud_timeout_s", metavar="CLOUD_TIMEOUT", type=float,
                        help="seconds before a cloud call falls back to a degraded edge answer (default 2)")
         g.add_argument("--edge-metrics-port", dest="edge__metrics_port", metavar="METRICS_PORT", type=int,
