@@ -40,7 +40,7 @@ class EdgeConfig:
     threshold: float = 0.9            # confidence (1 - normalised entropy) needed to answer at the edge
     # What goes up to the cloud: raw | denoised | pca-f16 | pca-int8. `denoised` feeds the cloud CNN, which
     # is right more often than the edge on the uncertain frames (docs/pipeline.md has the measurement);
-    # pca-int8 moves 12x fewer bytes per forwarded frame to a weaker model.
+    # pca-int8 moves 12x fewer bytes per forwarded frame to a model no better than the edge's.
     codec: str = "denoised"
     cloud_timeout_s: float = 2.0      # per cloud call; on timeout the edge answers, marked degraded
     metrics_port: int = 9601          # actor i serves metrics on metrics_port + i; 0 = any free port

@@ -54,13 +54,14 @@ def rows(images: np.ndarray, labels: np.ndarray, thresholds: list[float]) -> lis
                 out.append([name, codec, f"{t:.2f}", f"{100 * fwd.mean():.1f}",
                             f"{100 * (d.classes[fwd] == y[fwd]).sum() / n:.1f}",
                             f"{100 * (cloud[fwd] == y[fwd]).sum() / n:.1f}",
-                            f"{100 * (combined == y).mean():.2f}", f"{100 * only:.2f}",
+                            f"{100 * (d.classes == y).mean():.2f}", f"{100 * (combined == y).mean():.2f}",
+                            f"{100 * only:.2f}",
                             f"{fwd.mean() * proc.codec.code_size:.1f}"])
     return out
 
 
 HEADER = ["noise", "codec", "threshold", "forwarded %", "edge right on forwarded %", "cloud right on forwarded %",
-          "edgeq accuracy %", "cloud-only raw accuracy %", "uplink B/frame"]
+          "edge-only accuracy %", "edgeq accuracy %", "cloud-only raw accuracy %", "uplink B/frame"]
 
 
 def table(r: list[list[str]]) -> str:
@@ -83,7 +84,8 @@ def main() -> int:
     test_table = table(rows(test.images, test.labels, thresholds))
     text = (
         "# Confidence routing, measured offline\n\n"
-        "Produced by `python scripts/routing_table.py`. The edge CNN (float) classifies denoised frames; frames whose "
+        "Produced by `python scripts/routing_table.py`. The edge model (the default: the Q-CNN of the edge CNN) "
+        "classifies denoised frames; frames whose "
         "confidence (1 - normalised entropy) is below the threshold go to the cloud through the codec: `denoised` "
         "to the cloud CNN, `pca-int8` (64 B) to the MLP on PCA coefficients. Uplink bytes per frame are averaged over "
         "all frames (payload only).\n\n"
