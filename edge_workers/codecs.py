@@ -22,12 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
+from edge_workers.config import CODECS
 from edge_workers.denoise import Denoiser
 from edge_workers.reduce import PCAModel, as_pixels
 
 logger = logging.getLogger(__name__)
 
-CODECS = ("raw", "denoised", "pca-f16", "pca-int8")
 FRAME_CODECS = ("raw", "denoised")
 INT8_MAX = 127  # symmetric codes in [-127, 127]
 F16 = np.dtype("<f2")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
 
 from publishers import mqtt as mqttlib
 from publishers import topics, wire
@@ -52,10 +55,15 @@ class Subscriber:
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = lambda *args: self._unsubscribed.set()
+        self._unsubscribed = threading.Event()
+        self._last_publish = None
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
             logger.warning("subscriber refused by broker: %s", reason_code)
+            return
+        if self._unsubscribed.is_set():
             return
         # paho's documented pattern: (re)subscribe on every connect. Non-blocking.
         client.subscribe(self.topic_filter, qos=self.mqtt_cfg.qos)
@@ -106,9 +114,34 @@ class Subscriber:
                     break
         return batch
 
-    def publish(self, topic: str, payload: bytes, qos: int | None = None):  # -> paho MQTTMessageInfo
-        """Publish on this subscriber's connection (paho queues it; safe from any thread)."""
-        return self._client.publish(topic, payload, qos=self.mqtt_cfg.qos if qos is None else qos)
+    def publish(self, topic: str, payload: bytes):  # -> paho MQTTMessageInfo
+        """Publish at the configured QoS on this subscriber's connection (paho queues it; any thread)."""
+        self._last_publish = self._client.publish(topic, payload, qos=self.mqtt_cfg.qos)
+        return self._last_publish
+
+    def unsubscribe(self, timeout: float = 5.0) -> bool:
+        """Leave the subscription and wait for the broker's UNSUBACK: after it, no more messages come.
+
+        Messages sent before it have already reached the queue (one connection delivers in order).
+        Returns False if the broker did not acknowledge within `timeout` seconds.
+        """
+        rc, _ = self._client.unsubscribe(self.topic_filter)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self._unsubscribed.set()  # not connected: nothing comes anyway; do not resubscribe
+            return False
+        return self._unsubscribed.wait(timeout)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the last message published here left (QoS 1: was acknowledged by the broker)."""
+        info = self._last_publish
+        if info is None:
+            return True
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as err:  # not connected, or the message was dropped
+            logger.warning("results not flushed: %s", err)
+            return False
+        return info.is_published()
 
     def stop(self) -> None:
         self._client.disconnect()

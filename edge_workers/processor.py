@@ -19,11 +19,12 @@ from edge_workers.denoise import DenoiseConfig, Denoiser
 from edge_workers.reduce import PCA_FILE, PCAModel
 from edge_workers.routing import confidence
 from edge_workers.runtime import load_runtime, models_dir
+from publishers.errors import EdgeqError
 from publishers.wire import Frame
 
 logger = logging.getLogger(__name__)
 
-class FrameRejected(ValueError):
+class FrameRejected(EdgeqError, ValueError):
     """A decoded frame the edge model cannot take; `reason` is a bounded metric label."""
 
     def __init__(self, reason: str, message: str):
@@ -82,6 +83,18 @@ class EdgeProcessor:
                              f"{list(self.frame_shape)}")
         self.runtime.warmup()
 
+    def classify(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Edge model on frames: uint8 [N, H, W] (denoised here first) or denoised float32 [N, H, W] in [0, 1].
+
+        Returns (classes int64 [N], confidence float32 [N]).
+        """
+        if frames.dtype == np.uint8:
+            frames = self.denoiser.apply(frames)
+        t0 = time.perf_counter()
+        logits = self.runtime.predict(frames[:, None, :, :])
+        metrics.INFERENCE_SECONDS.labels(self.model_key).observe(time.perf_counter() - t0)
+        return logits.argmax(axis=1).astype(np.int64), confidence(logits)
+
     def process(self, images: np.ndarray) -> BatchDecision:
         """images: uint8 [N, H, W] -> BatchDecision."""
         images = np.ascontiguousarray(images, dtype=np.uint8)
@@ -94,11 +107,9 @@ class EdgeProcessor:
         t1 = time.perf_counter()
         policy = self.cfg.policy
         if policy == "cloud-only":
-            logits = None
             classes, conf = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
         else:
-            logits = self.runtime.predict(denoised[:, None, :, :])
-            classes, conf = logits.argmax(axis=1).astype(np.int64), confidence(logits)
+            classes, conf = self.classify(denoised)
         t2 = time.perf_counter()
         if policy == "edge-only":
             to_cloud = np.zeros(n, dtype=bool)
@@ -114,6 +125,4 @@ class EdgeProcessor:
         seconds = {"denoise": t1 - t0, "classify": t2 - t1, "encode": t3 - t2}
         metrics.STAGE_SECONDS.labels("denoise").observe(seconds["denoise"])
         metrics.STAGE_SECONDS.labels("encode").observe(seconds["encode"])
-        if logits is not None:
-            metrics.INFERENCE_SECONDS.labels(self.model_key).observe(seconds["classify"])
         return BatchDecision(classes, conf, to_cloud, np.ascontiguousarray(uplink), seconds)

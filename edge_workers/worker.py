@@ -44,6 +44,7 @@ class PendingCall:
     edge_conf: np.ndarray
     codes: bytes
     deadline: float
+    cloud: int                # index of the cloud actor called
     attempt: int = 1
 
 
@@ -70,6 +71,8 @@ class EdgeWorker:
             max_queue=cfg.queue_size, status_component=f"edge.{index}",
         ).start()
         self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._drops_reported: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name=f"edge-{index}", daemon=True)
         self._thread.start()
 
@@ -91,17 +94,28 @@ class EdgeWorker:
         """Counters since start (plain ints), plus the current queue depth and dropped-by-reason."""
         out = dict(self.counts)
         out["queue_depth"] = self.sub.queue.qsize()
-        out.update({f"dropped.{k}": v for k, v in self.sub.dropped.items()})
+        out.update({f"dropped.{k}": v for k, v in dict(self.sub.dropped).items()})  # copy: paho's thread adds keys
         out["pending_cloud_calls"] = len(self.pending)
         return out
 
-    def stop(self, drain_s: float = 5.0) -> dict:
-        """Finish queued work (bounded by `drain_s`), disconnect, return final stats."""
-        deadline = time.monotonic() + drain_s
-        while (self.sub.queue.qsize() or self.pending) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self._stop.set()
-        self._thread.join(timeout=drain_s + 5)
+    def stop(self, drain_s: float = 10.0) -> dict:
+        """Leave the shared subscription, answer what was received (bounded by `drain_s`), disconnect.
+
+        After the broker acknowledged the unsubscribe no further frames come to this worker, so the
+        loop can drain its queue and in-flight cloud calls and exit. Anything still unanswered at
+        the deadline is counted as dropped (reason `shutdown`). Returns the final stats.
+        """
+        self.sub.unsubscribe()
+        self._draining.set()
+        self._thread.join(timeout=drain_s)
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(timeout=5)
+        left = self.sub.queue.qsize() + sum(len(c.frames) for c in self.pending)
+        if left:
+            metrics.DROPS.labels("shutdown").inc(left)
+            self.counts["dropped.shutdown"] += left
+        self.sub.flush(timeout=5)
         self.sub.stop()
         return self.stats()
 
@@ -115,7 +129,7 @@ class EdgeWorker:
         handles = [ray.get_actor(name, namespace=self.namespace) for name in self.cloud_names]
         infos = ray.get([h.info.remote() for h in handles], timeout=60)
         want = self.processor.codec.code_size
-        for name, info in zip(self.cloud_names, infos):
+        for name, info in zip(self.cloud_names, infos, strict=True):
             if info["code_sizes"].get(self.cfg.codec) != want:
                 raise ValueError(
                     f"cloud worker {name} takes {info['code_sizes'].get(self.cfg.codec)} B per frame for codec "
@@ -124,15 +138,24 @@ class EdgeWorker:
                 )
         self._clouds = handles
 
-    def _submit(self, frames: list[Frame], codes: bytes, classes, conf, attempt: int = 1) -> None:
-        cloud = self._clouds[self._next_cloud % len(self._clouds)]
-        self._next_cloud += 1
-        ref = cloud.infer.remote(self.cfg.codec, codes, len(frames))
+    def _submit(self, frames: list[Frame], codes: bytes, classes, conf, attempt: int = 1,
+                after: int | None = None) -> None:
+        """Send one uplink batch to a cloud actor: round robin, or the one after `after` for a retry."""
+        if not self._clouds:
+            raise RuntimeError("no cloud workers connected")
+        if after is None:
+            index = self._next_cloud % len(self._clouds)
+            self._next_cloud += 1
+        else:
+            index = (after + 1) % len(self._clouds)
+        ref = self._clouds[index].infer.remote(self.cfg.codec, codes, len(frames))
         self.pending.append(PendingCall(ref, frames, classes, conf, codes,
-                                        time.monotonic() + self.cfg.cloud_timeout_s, attempt))
+                                        time.monotonic() + self.cfg.cloud_timeout_s, index, attempt))
+        # Bytes count every send (a retry moves them again); frames count once.
         metrics.PAYLOAD_BYTES.labels("edge_to_cloud").inc(len(codes))
         self.counts["bytes_edge_to_cloud"] += len(codes)
-        self.counts["frames_to_cloud"] += len(frames)
+        if attempt == 1:
+            self.counts["frames_to_cloud"] += len(frames)
 
     def _poll_cloud(self, block: bool = False) -> None:
         """Finish cloud calls that are done or past their deadline. `block`: wait for the oldest."""
@@ -142,59 +165,77 @@ class EdgeWorker:
             call = self.pending[0]
             timeout = max(0.0, call.deadline - time.monotonic()) if block else 0.0
             done, _ = ray.wait([call.ref], timeout=timeout)
-            if done:
-                self.pending.popleft()
-                try:
-                    classes, conf = ray.get(call.ref)
-                except Exception as err:  # a dead or failing cloud actor: answer at the edge
-                    logger.warning("cloud call failed: %s", err)
-                    metrics.CLOUD_REQUESTS.labels("error").inc()
-                    self._fallback(call, "error")
-                    continue
-                metrics.CLOUD_REQUESTS.labels("ok").inc()
-                self.counts["cloud_ok"] += 1
-                self._publish(call.frames, classes, conf, "cloud")
-            elif time.monotonic() >= call.deadline:
-                self.pending.popleft()
+            if not done and time.monotonic() < call.deadline:
+                return
+            self.pending.popleft()
+            block = False
+            if not done:
                 metrics.CLOUD_REQUESTS.labels("timeout").inc()
                 ray.cancel(call.ref)
                 self._fallback(call, "timeout")
-            else:
-                return
-            block = False
+                continue
+            try:
+                classes, conf = ray.get(call.ref)
+                if len(classes) != len(call.frames) or len(conf) != len(call.frames):
+                    raise ValueError(f"cloud answered {len(classes)} frames of {len(call.frames)}")
+            except Exception as err:  # a dead or failing cloud actor, or a bad answer: answer at the edge
+                logger.warning("cloud call failed: %s", err)
+                metrics.CLOUD_REQUESTS.labels("error").inc()
+                self._fallback(call, "error")
+                continue
+            metrics.CLOUD_REQUESTS.labels("ok").inc()
+            self.counts["cloud_ok"] += 1
+            self._publish(call.frames, classes, conf, "cloud")
 
     def _fallback(self, call: PendingCall, outcome: str) -> None:
-        """The cloud did not answer: retry once on another actor, else answer with the edge's prediction."""
+        """The cloud did not answer: retry once on the next actor, else answer with the edge's prediction."""
         self.counts[f"cloud_{outcome}"] += 1
         if call.attempt == 1 and len(self._clouds) > 1:
-            self._submit(call.frames, call.codes, call.edge_classes, call.edge_conf, attempt=2)
-            return
-        classes, conf = call.edge_classes, call.edge_conf
-        if (classes < 0).any():  # cloud-only policy: the edge has not classified these yet
-            images = np.stack([frame_pixels(f, self.processor.frame_shape) for f in call.frames])
-            denoised = self.processor.denoiser.apply(images)
-            logits = self.processor.runtime.predict(denoised[:, None])
-            classes, conf = logits.argmax(axis=1), np.zeros(len(call.frames), dtype=np.float32)
-        self._publish(call.frames, classes, conf, "edge", degraded=True)
+            try:
+                self._submit(call.frames, call.codes, call.edge_classes, call.edge_conf, attempt=2,
+                             after=call.cloud)
+                return
+            except Exception as err:  # noqa: BLE001 - any failure to resend means: answer here
+                logger.warning("cloud retry failed: %s", err)
+        self._answer_degraded(call.frames, call.edge_classes, call.edge_conf)
+
+    def _answer_degraded(self, frames: list[Frame], classes: np.ndarray, conf: np.ndarray) -> None:
+        """Publish the edge's own answers, marked degraded; classify first where the edge has not (cloud-only)."""
+        if (classes < 0).any():
+            images = np.stack([frame_pixels(f, self.processor.frame_shape) for f in frames])
+            classes, conf = self.processor.classify(images)
+        self._publish(frames, classes, conf, "edge", degraded=True)
 
     # ------------------------------------------------------------ processing
 
     def _loop(self) -> None:
         wait_s = self.cfg.batch_wait_ms / 1000.0
         while not self._stop.is_set():
+            batch = []
             try:
-                # With cloud calls in flight, come back soon to finish them; otherwise sleep on the queue.
-                first_wait = 0.002 if self.pending else 0.05
-                batch = self.sub.get_batch(self.cfg.batch_max, first_wait, linger_s=wait_s)
+                # With cloud calls in flight (or when draining), come back soon; otherwise sleep on the queue.
+                busy = bool(self.pending) or self._draining.is_set()
+                batch = self.sub.get_batch(self.cfg.batch_max, 0.002 if busy else 0.05, linger_s=wait_s)
                 metrics.QUEUE_DEPTH.set(self.sub.queue.qsize())
+                self._report_queue_drops()
                 if batch:
                     self._handle(batch)
                 if self.pending:
-                    self._poll_cloud(block=len(self.pending) >= MAX_PENDING_CLOUD_CALLS)
+                    self._poll_cloud(block=len(self.pending) >= MAX_PENDING_CLOUD_CALLS or self._draining.is_set())
+                elif self._draining.is_set() and not batch and self.sub.queue.empty():
+                    return
             except Exception:  # never let one bad batch take the worker down
                 logger.exception("edge worker %d: batch failed", self.index)
                 self.counts["batch_errors"] += 1
-                metrics.DROPS.labels("batch_error").inc()
+                metrics.DROPS.labels("batch_error").inc(len(batch))
+
+    def _report_queue_drops(self) -> None:
+        """Move the ingest queue's drop counts (kept by the paho callback) into the metric."""
+        for reason, n in dict(self.sub.dropped).items():
+            new = n - self._drops_reported[reason]
+            if new:
+                metrics.DROPS.labels(reason).inc(new)
+                self._drops_reported[reason] = n
 
     def _handle(self, batch) -> None:
         metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0, time.time_ns() - batch[0].arrival_ns) / 1e9)
@@ -216,6 +257,7 @@ class EdgeWorker:
                 logger.debug("rejected frame on %s: %s", msg.topic, err)
                 continue
             frames.append(frame)
+            self.counts["pixel_bytes"] += frame.pixels.nbytes
         if not frames:
             return
         metrics.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t_decode)
@@ -225,14 +267,21 @@ class EdgeWorker:
             self._publish([frames[i] for i in local], d.classes[local], d.confidences[local], "edge")
         up = np.flatnonzero(d.to_cloud)
         if len(up):
-            if not self._clouds:
-                self._connect_clouds()
-            self._submit([frames[i] for i in up], d.uplink.tobytes(), d.classes[up], d.confidences[up])
+            up_frames = [frames[i] for i in up]
+            try:
+                if not self._clouds:
+                    self._connect_clouds()
+                self._submit(up_frames, d.uplink.tobytes(), d.classes[up], d.confidences[up])
+            except Exception as err:  # noqa: BLE001 - no reachable cloud: the edge answers, degraded
+                logger.warning("cannot reach the cloud: %s", err)
+                metrics.CLOUD_REQUESTS.labels("error").inc()
+                self.counts["cloud_error"] += 1
+                self._answer_degraded(up_frames, d.classes[up], d.confidences[up])
 
     def _publish(self, frames: list[Frame], classes, conf, tier: str, degraded: bool = False) -> None:
         now_ns = time.time_ns()
         flag = "true" if degraded else "false"
-        for frame, cls, c in zip(frames, classes, conf):
+        for frame, cls, c in zip(frames, classes, conf, strict=True):
             latency_ms = (now_ns - frame.capture_ns) / 1e6
             r = results.Result(frame.device_id, frame.seq, int(cls), float(c), tier, degraded, latency_ms, frame.label)
             payload = results.encode(r)

@@ -14,6 +14,8 @@ import signal
 import sys
 from typing import Callable, Sequence
 
+from edge_workers.config import CODECS, POLICIES
+from edge_workers.denoise import METHODS as DENOISE_METHODS
 from infra.config import EdgeqConfig, load_config, override
 from publishers.config import PublishConfig
 from publishers.errors import ConfigError, EdgeqError
@@ -63,21 +65,23 @@ def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = T
     g.add_argument("--ray-address", dest="ray__address", metavar="ADDRESS",
                    help="connect to this Ray cluster (e.g. auto or HOST:6379); default: start a local Ray")
     g.add_argument("--ray-namespace", dest="ray__namespace", metavar="NAMESPACE", help="Ray namespace of the named actors (default edgeq)")
+    g.add_argument("--models-dir", dest="edge__models_dir", metavar="DIR",
+                   help="directory of the model files, for edge and cloud workers (default models/)")
     g.add_argument("--metrics-addr", dest="metrics_addr",
                    help="bind address of the workers' metrics endpoints (default 127.0.0.1)")
     if edge:
         g = p.add_argument_group("edge workers (config section `edge`, env EDGEQ_EDGE__*)")
         g.add_argument("--edge-actors", dest="edge__actors", metavar="ACTORS", type=int, help="edge worker actors (default 2)")
-        g.add_argument("--policy", dest="edge__policy", choices=("confidence", "edge-only", "cloud-only"),
+        g.add_argument("--policy", dest="edge__policy", choices=POLICIES,
                        help="where frames are answered (default confidence)")
         g.add_argument("--threshold", dest="edge__threshold", metavar="THRESHOLD", type=float,
                        help="confidence (1 - normalised entropy) to answer at the edge (default 0.9)")
-        g.add_argument("--codec", dest="edge__codec", choices=("raw", "denoised", "pca-f16", "pca-int8"),
+        g.add_argument("--codec", dest="edge__codec", choices=CODECS,
                        help="what the edge sends to the cloud (default denoised)")
         g.add_argument("--runtime", dest="edge__runtime", metavar="RUNTIME", help="edge model runtime: qcnn or onnx (default qcnn)")
         g.add_argument("--model", dest="edge__model", metavar="MODEL", help="edge model file in the models dir (default edge_cnn.qcnn.onnx; edge_cnn.onnx with --runtime onnx)")
         g.add_argument("--denoise", dest="edge__denoise",
-                       choices=("none", "median", "impulse", "pca", "median+pca", "impulse+pca", "auto"),
+                       choices=DENOISE_METHODS,
                        help="noise reduction at the edge (default auto)")
         g.add_argument("--pca-components", dest="edge__pca_components", metavar="PCA_COMPONENTS", type=int,
                        help="PCA coefficients for the pca-* codecs (default 64, must match the cloud PCA model)")
@@ -88,7 +92,6 @@ def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = T
                        help="seconds before a cloud call falls back to a degraded edge answer (default 2)")
         g.add_argument("--edge-metrics-port", dest="edge__metrics_port", metavar="METRICS_PORT", type=int,
                        help="edge worker i serves metrics on this port + i; 0 = any free port (default 9601)")
-        g.add_argument("--models-dir", dest="edge__models_dir", metavar="MODELS_DIR", help="directory of the model files (default models/)")
     if cloud:
         g = p.add_argument_group("cloud workers (config section `cloud`, env EDGEQ_CLOUD__*)")
         g.add_argument("--cloud-actors", dest="cloud__actors", metavar="ACTORS", type=int, help="cloud worker actors (default 1)")
@@ -106,7 +109,7 @@ def _apply_sections(cfg: EdgeqConfig, args: argparse.Namespace) -> EdgeqConfig:
             setattr(cfg, section, override(getattr(cfg, section), **given))
         except (TypeError, ValueError) as err:
             raise ConfigError(str(err)) from err
-    if getattr(args, "edge__models_dir", None):  # one models directory for both tiers
+    if getattr(args, "edge__models_dir", None):  # --models-dir: one models directory for both tiers
         cfg.cloud = override(cfg.cloud, models_dir=args.edge__models_dir)
     return cfg
 
@@ -264,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("bench", help="run a benchmark; tables go to stdout and docs/results/ (needs edgeq[server,bench])")
-    from infra.bench import add_parsers as add_bench_parsers  # one sub-command per registered benchmark
+    from infra.bench import (
+        add_parsers as add_bench_parsers,  # one sub-command per registered benchmark
+    )
 
     add_bench_parsers(p)
     p.set_defaults(func=cmd_bench)

@@ -155,6 +155,9 @@ def start_edge(cfg: EdgeConfig, mqtt_cfg: MqttConfig, ray_cfg: RayConfig, cloud_
     _check_models(cfg.models_dir, [cfg.model, PCA_FILE], "edge")
     if cfg.runtime not in available_runtimes():
         raise ConfigError(f"edge.runtime must be one of {', '.join(available_runtimes())}, got {cfg.runtime!r}")
+    if cfg.policy != "edge-only" and not cloud_names:
+        raise ConfigError(f"edge.policy {cfg.policy!r} needs cloud workers and none were found in namespace "
+                          f"{ray_cfg.namespace!r}: start them first (`edgeq cloud`) or use --policy edge-only")
     names = [f"{EDGE_PREFIX}{i}" for i in range(cfg.actors)]
     _check_free(names, ray_cfg.namespace)
     actor = ray.remote(EdgeWorker)
@@ -167,6 +170,15 @@ def start_edge(cfg: EdgeConfig, mqtt_cfg: MqttConfig, ray_cfg: RayConfig, cloud_
     tier = Tier(names, handles)
     tier.infos = _gather("edge", handles, "ready")
     return tier
+
+
+def cloud_workers_running(namespace: str) -> list[str]:
+    """Names of the cloud worker actors alive in `namespace` (started by this or another process)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == namespace and a["name"].startswith(CLOUD_PREFIX)]
+    return sorted(names, key=lambda n: int(n[len(CLOUD_PREFIX):]) if n[len(CLOUD_PREFIX):].isdigit() else 1 << 30)
 
 
 def stop_tier(tier: Tier, method: str | None = None, timeout: float = 30.0) -> list:

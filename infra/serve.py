@@ -21,15 +21,21 @@ def serve(cfg, tier: str, progress: Progress) -> int:
         if tier == "cloud":
             workers = cluster.start_cloud(cfg.cloud, cfg.ray)
         else:
-            names = [] if cfg.edge.policy == "edge-only" else [
-                f"{cluster.CLOUD_PREFIX}{i}" for i in range(cfg.cloud.actors)]
+            names = [] if cfg.edge.policy == "edge-only" else cluster.cloud_workers_running(cfg.ray.namespace)
             workers = cluster.start_edge(cfg.edge, cfg.mqtt, cfg.ray, names)
+            if names:
+                progress(f"[edge] using cloud workers {', '.join(names)}")
         progress(f"[{tier}] {len(workers.names)} workers up: {', '.join(workers.names)}; metrics on "
                  f"{', '.join(workers.metrics_targets())}; Ctrl-C stops")
         while True:
             time.sleep(STATS_EVERY_S)
-            stats = ray.get([h.stats.remote() for h in workers.handles], timeout=30)
-            progress(f"[{tier}] " + "; ".join(f"{n}: {s}" for n, s in zip(workers.names, stats)))
+            lines = []
+            for name, handle in zip(workers.names, workers.handles, strict=True):
+                try:
+                    lines.append(f"{name}: {ray.get(handle.stats.remote(), timeout=30)}")
+                except ray.exceptions.RayError as err:  # one dead actor must not stop the others
+                    lines.append(f"{name}: not answering ({type(err).__name__})")
+            progress(f"[{tier}] " + "; ".join(lines))
     finally:
         if workers is not None:
             cluster.stop_tier(workers, "stop" if tier == "edge" else None)

@@ -110,7 +110,8 @@ def test_demo_prints_a_summary_with_nothing_lost(tmp_path) -> None:
     assert "frames sent            120 (confirmed by the broker)" in out
     assert "frames answered        120 unique, 0 duplicates, lost 0" in out
     for line in ("throughput", "latency capture->result p50", "accuracy", "answered at            edge",
-                 "bytes device->edge     99360 (828 per frame)", "bytes edge->cloud", "cloud-only, raw frames 99360"):
+                 "bytes device->edge     99360 (828 per frame)", "bytes edge->cloud",
+                 "cloud-only, raw frames 94080 bytes of pixels to the cloud for the same frames (99360 as wire frames)"):
         assert line in out, line
     assert "[demo]" in proc.stderr  # progress goes to stderr
     targets = json.loads((tmp_path / "targets.json").read_text())

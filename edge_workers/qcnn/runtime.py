@@ -137,7 +137,7 @@ def _direct(path: str, threads: int):
             if isinstance(outs, str):
                 env[outs] = fn(env[ins])
             else:
-                env.update(zip(outs, fn(outs, {n: env[n] for n in ins})))
+                env.update(zip(outs, fn(outs, {n: env[n] for n in ins}), strict=True))
         return env[out_name]
 
     dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
