@@ -133,3 +133,9 @@ def test_committed_model_matches_manifest_and_target():
     assert entry["test_accuracy"]["clean"] >= entry["float_model"]["test_accuracy"]["clean"] - MAX_LOSS
     std = REPO / "models" / entry["standard_export"]["file"]
     assert sha256_file(std) == entry["standard_export"]["sha256"]
+    # Measured here, not read from the manifest: the shipped model on the whole held-out split.
+    test = load_mnist(DATA_DIR, "test")
+    logits = load_runtime("qcnn", path).predict(to_input(test.images))
+    measured = float((logits.argmax(axis=1) == test.labels).mean())
+    assert measured == pytest.approx(entry["test_accuracy"]["clean"], abs=1e-9)  # observed 0.9917
+    assert measured >= entry["float_model"]["test_accuracy"]["clean"] - MAX_LOSS
