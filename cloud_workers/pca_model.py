@@ -12,7 +12,6 @@ imported lazily.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -21,8 +20,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cloud_workers.manifest import update_manifest
 from cloud_workers.train import (
-    EVAL_NOISE, MANIFEST_FORMAT, MANIFEST_NAME, NOISY_KEY, random_shift, sensor_noise, sha256_file, split_train,
+    EVAL_NOISE,
+    NOISY_KEY,
+    random_shift,
+    sensor_noise,
+    sha256_file,
+    split_train,
 )
 from edge_workers.codecs import UplinkCodec, calibrate_int8
 from edge_workers.denoise import DenoiseConfig, Denoiser
@@ -293,18 +298,7 @@ def fit_reduction_models(data_dir: str | Path, out_dir: str | Path = "models", c
                       **model.history, "augmented_copies": copies, "mlp": asdict(mlp_cfg), "seed": seed,
                       "export_check": check},
     }
-    _update_manifest(out_dir, entries)
+    update_manifest(out_dir, entries)
     progress(f"cloud_pca: wrote {mlp_path}, test acc {100 * acc['clean']:.2f} % clean, "
              f"{100 * acc[NOISY_KEY]:.2f} % {NOISY_KEY} at {codec.code_size} B/frame")
     return entries
-
-
-def _update_manifest(out_dir: Path, entries: dict[str, Any]) -> None:
-    """Add or replace `entries` in <out_dir>/manifest.json, keeping every other model's entry."""
-    path = out_dir / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        manifest = {"format": MANIFEST_FORMAT, "models": {}}
-    manifest["models"] = dict(sorted({**manifest.get("models", {}), **entries}.items()))
-    path.write_text(json.dumps(manifest, indent=2) + "\n")

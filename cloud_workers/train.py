@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cloud_workers.manifest import MANIFEST_FORMAT, read_manifest, write_manifest
 from publishers.datasets import LabelledImages, load_mnist
 from publishers.errors import ConfigError, EdgeqError
 from publishers.noise import NoiseConfig, add_noise
@@ -33,8 +33,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 INPUT_SCALE = "uint8/255"
 OPSET = 17
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
 # Op types the downstream quantizer supports; an export with anything else fails.
 ALLOWED_OPS = frozenset({"Conv", "Relu", "MaxPool", "Flatten", "Reshape", "Gemm", "MatMul", "Add"})
 VAL_FRACTION = 0.1
@@ -341,8 +339,8 @@ def _model_entry(torch, key, model, path, best, fit, val, test, cfg, check) -> d
 def _previous_entries(out_dir: Path, retrained: tuple[str, ...]) -> dict[str, Any]:
     """Manifest entries of models not retrained now whose files are still unchanged."""
     try:
-        old = json.loads((out_dir / MANIFEST_NAME).read_text())["models"]
-    except (OSError, ValueError, KeyError, TypeError):
+        old = read_manifest(out_dir)
+    except ValueError:
         return {}
     keep = {}
     for key, entry in old.items():
@@ -385,7 +383,5 @@ def train_reference_models(cfg: TrainConfig, progress: Progress | None = None) -
                      f"{100 * acc['clean']:.2f} % clean, {100 * acc[NOISY_KEY]:.2f} % {NOISY_KEY}")
     finally:
         torch.set_num_threads(old_threads)
-    manifest = {"format": MANIFEST_FORMAT, "models": dict(sorted(models.items()))}
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    logger.debug("wrote %s", out_dir / MANIFEST_NAME)
-    return manifest
+    logger.debug("wrote %s", write_manifest(out_dir, models))
+    return {"format": MANIFEST_FORMAT, "models": dict(sorted(models.items()))}

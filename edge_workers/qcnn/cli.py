@@ -35,12 +35,9 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_compress(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
     """Handler of `edgeq compress`; prints the report to stdout, progress lines via `progress`."""
+    from cloud_workers.manifest import update_manifest
     from edge_workers.qcnn.compress import CompressConfig, compress_model
-    from edge_workers.qcnn.evaluate import (
-        load_calibration,
-        manifest_entry,
-        update_manifest,
-    )
+    from edge_workers.qcnn.evaluate import load_calibration, manifest_entry
     from edge_workers.qcnn.export import export_standard
     from publishers.sources import default_data_dir
 
@@ -62,7 +59,7 @@ def run_compress(args: argparse.Namespace, progress: Callable[[str], None]) -> i
         print(f"standard-ops export: {args.export_standard} ({size} B)")
     if args.manifest_key:
         entry = manifest_entry(report, data_dir, args.export_standard, threads=cfg.threads)
-        path = update_manifest(Path(args.output).parent, args.manifest_key, entry)
+        path = update_manifest(Path(args.output).parent, {args.manifest_key: entry})
         acc = entry["test_accuracy"]
         print(f"{args.manifest_key}: test accuracy {100 * acc['clean']:.2f} % clean, "
               f"{100 * acc['gaussian_0.2']:.2f} % gaussian 0.2 -> {path}")

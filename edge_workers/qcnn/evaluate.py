@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ from cloud_workers.train import (
     EVAL_NOISE,
     INPUT_NAME,
     INPUT_SCALE,
-    MANIFEST_NAME,
     NOISY_KEY,
     OUTPUT_NAME,
     TrainConfig,
@@ -96,13 +94,3 @@ def manifest_entry(report, data_dir, standard_path=None, threads: int = 1) -> di
         entry["standard_export"] = {"file": std.name, "sha256": sha256_file(std), "bytes": std.stat().st_size,
                                     "test_accuracy": test_accuracies("onnx", std, data_dir, threads)}
     return entry
-
-
-def update_manifest(models_dir, key: str, entry: dict) -> Path:
-    """Set models[key] = entry in <models_dir>/manifest.json (other entries untouched); returns its path."""
-    path = Path(models_dir) / MANIFEST_NAME
-    manifest = json.loads(path.read_text()) if path.is_file() else {"format": 1, "models": {}}
-    manifest["models"][key] = entry
-    manifest["models"] = dict(sorted(manifest["models"].items()))
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
