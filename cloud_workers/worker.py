@@ -88,6 +88,3 @@ class CloudWorker:
 
     def stats(self) -> dict:
         return dict(self.counts)
-
-    def ping(self) -> bool:
-        return True

@@ -66,8 +66,7 @@ def check_codec(name: str) -> str:
 class UplinkCodec:
     """One codec bound to what it needs: the denoiser (encoding ``denoised``), the PCA model and k (``pca-*``).
 
-The cloud side only decodes, so it builds the codec without a denoiser.
-
+    The cloud side only decodes, so it builds the codec without a denoiser.
     frame_shape: (H, W) of frames (taken from the PCA model when given).
     """
 

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from edge_workers.reduce import PCA_FILE, PCAModel
+from edge_workers.reduce import PCAModel
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +127,6 @@ class Denoiser:
                 raise ValueError(f"denoise method {self.cfg.method!r} needs a fitted PCA model, got None")
             pca.check_k(self.cfg.components)
         self.pca = pca
-
-    @classmethod
-    def from_models_dir(cls, cfg: DenoiseConfig, models_dir: str | Path = "models") -> Denoiser:
-        """Build from config, loading `<models_dir>/pca.npz` when the method needs it."""
-        pca = PCAModel.load(Path(models_dir) / PCA_FILE) if cfg.needs_pca else None
-        return cls(cfg, pca)
 
     def apply(self, frames: np.ndarray) -> np.ndarray:
         """Denoise a batch. frames: uint8 [N, H, W] or float32 [N, H, W] in [0, 1].
