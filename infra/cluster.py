@@ -8,14 +8,10 @@ sized to the actors requested.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cloud_workers.config import CloudConfig, RayConfig
 from cloud_workers.worker import ACTOR_PREFIX as CLOUD_PREFIX
@@ -26,7 +22,6 @@ from edge_workers.runtime import available as available_runtimes
 from edge_workers.runtime import models_dir
 from edge_workers.worker import ACTOR_PREFIX as EDGE_PREFIX
 from edge_workers.worker import EdgeWorker
-from infra.prometheus_server import target_groups
 from publishers.errors import ConfigError, EdgeqError
 from publishers.mqtt import MqttConfig
 
@@ -193,15 +188,3 @@ def stop_tier(tier: Tier, method: str | None = None, timeout: float = 30.0) -> l
             logger.warning("stopping %s: %s", tier.names, err)
     _kill(tier.handles)
     return out
-
-
-def write_targets(path: str | Path, targets: list[str], labels: dict[str, str] | None = None) -> Path:
-    """Write a Prometheus file-SD JSON file atomically (see infra/prometheus/prometheus.yml)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(target_groups(targets, labels), f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path

@@ -14,6 +14,7 @@ from pathlib import Path
 from infra import cluster
 from infra.broker import MosquittoBroker
 from infra.collector import ResultCollector, ResultStats
+from infra.prometheus_server import write_targets_file
 from publishers.run import Progress, PublishReport, build_devices, run_devices
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def run_pipeline(cfg, use_broker: bool, progress: Progress) -> DemoResult:
                  f"runtime {cfg.edge.runtime})")
         targets = edge.metrics_targets() + cloud.metrics_targets()
         targets_file = Path(cfg.demo.targets_file) if cfg.demo.targets_file else DEFAULT_TARGETS
-        cluster.write_targets(targets_file, targets, {"deployment": "demo"})
+        write_targets_file(targets_file, targets, {"deployment": "demo"})
         progress(f"[demo] metrics endpoints {', '.join(targets)} (Prometheus targets in {targets_file})")
 
         collector = ResultCollector(mqtt_cfg).start()

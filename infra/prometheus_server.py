@@ -60,6 +60,25 @@ def target_groups(targets: Iterable[str | tuple[str, int]], labels: Mapping[str,
     return [{"targets": addresses, "labels": clean_labels}] if addresses else []
 
 
+def write_targets_file(path: str | Path, targets: Iterable[str | tuple[str, int]],
+                       labels: Mapping[str, str] | None = None) -> Path:
+    """Write a file-SD targets file atomically: a temporary name not ending in .json, then a rename,
+    so Prometheus never reads it half-written."""
+    path = Path(path)
+    groups = target_groups(targets, labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(groups, f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 class PrometheusServer(ChildServer):
     """A Prometheus child process with a private config copy, targets directory and TSDB.
 
@@ -168,20 +187,7 @@ class PrometheusServer(ChildServer):
         """
         if not re.match(r"^[\w.-]+$", name):
             raise ValueError(f"targets file name must be [A-Za-z0-9_.-]+, got {name!r}")
-        groups = target_groups(targets, labels)
-        self.targets_dir.mkdir(parents=True, exist_ok=True)
-        path = self.targets_dir / f"{name}.json"
-        # The temporary name does not end in .json, so Prometheus never reads it half-written.
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.targets_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(groups, f, indent=2)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_targets_file(self.targets_dir / f"{name}.json", targets, labels)
 
     def _get(self, path: str, params: Mapping[str, str], timeout: float) -> Any:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"

@@ -96,7 +96,13 @@ def quantize_int8_qdq(in_path: str | Path, out_path: str | Path, calib: np.ndarr
     Returns the settings used.
     """
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     if reduce_range is None:
         reduce_range = not cpu_has_vnni()
