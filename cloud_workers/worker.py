@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 
 import numpy as np
@@ -31,7 +32,9 @@ class CloudWorker:
     """Classifies uplink batches. Plain class; `infra.cluster` wraps it with `ray.remote`."""
 
     def __init__(self, cfg: CloudConfig, index: int = 0, serve_metrics: bool = True):
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # Actor entry: the launcher passes the driver's --log-level in the actor's environment.
+        logging.basicConfig(level=os.environ.get("EDGEQ_LOG_LEVEL", "WARNING"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg, self.index = cfg, index
         mdir = models_dir(cfg.models_dir)
         self.frame_model = load_runtime("onnx", mdir / cfg.frame_model, threads=cfg.threads)

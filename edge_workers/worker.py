@@ -53,7 +53,9 @@ class EdgeWorker:
 
     def __init__(self, cfg: EdgeConfig, mqtt_cfg: MqttConfig, index: int = 0, cloud_names: tuple[str, ...] = (),
                  namespace: str = "edgeq", serve_metrics: bool = True):
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # Actor entry: the launcher passes the driver's --log-level in the actor's environment.
+        logging.basicConfig(level=os.environ.get("EDGEQ_LOG_LEVEL", "WARNING"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg, self.index, self.namespace = cfg, index, namespace
         self.processor = EdgeProcessor(cfg)
         self.cloud_names = tuple(cloud_names)
