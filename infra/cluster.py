@@ -44,6 +44,7 @@ def connect(ray_cfg: RayConfig, edge_actors: int = 0, cloud_actors: int = 0) -> 
             ray.init(address=ray_cfg.address, namespace=ray_cfg.namespace, logging_level=logging.WARNING)
             return False
         ray.init(
+            address="local",  # a new local Ray even if another one runs on this machine (`ray start`)
             num_cpus=ray_cfg.num_cpus or None,
             resources={"edge": max(edge_actors, 1), "cloud": max(cloud_actors, 1)},
             namespace=ray_cfg.namespace, include_dashboard=False, logging_level=logging.WARNING,
