@@ -89,47 +89,24 @@ class MosquittoBroker(ChildServer):
         return []
 
     NAME = "mosquitto"
+    ERROR = BrokerError
 
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
-        """Start the broker and wait until it accepts TCP connections."""
-        if self.running:
-            raise BrokerError(f"broker already running on {self.address}")
-        binary = find_mosquitto()
-        for attempt in range(3):
-            conf = self.write_config()
-            self._proc = subprocess.Popen(
-                [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-            if self._wait_ready(timeout):
-                logger.info("mosquitto pid %d listening on %s", self._proc.pid, self.address)
-                return self
-            if self._proc is not None:
-                try:
-                    self._proc.wait(timeout=1.0)  # let it finish writing why it stopped
-                except subprocess.TimeoutExpired:
-                    pass
-            err = self._failure_text()
-            if "Address already in use" in err and not self._fixed_port and attempt < 2:
-                self.port = free_port(self.host)  # lost a race for the port: try another
-                continue
-            raise BrokerError(f"mosquitto did not start on {self.address}: {err}")
-        raise AssertionError("unreachable")
+    def _prepare(self) -> None:
+        self._binary = find_mosquitto()
 
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                return False
-            if port_open(self.host, self.port):
-                return True
-            time.sleep(0.05)
-        self.stop()
-        return False
+    def _launch(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [self._binary, "-c", str(self.write_config())], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
 
     def _failure_text(self) -> str:
         parts = []
         if self._proc is not None and self._proc.stderr is not None:
+            try:
+                self._proc.wait(timeout=1.0)  # let it finish writing why it stopped
+            except subprocess.TimeoutExpired:
+                pass
             if self._proc.poll() is not None:
                 parts.append(self._proc.stderr.read().decode(errors="replace").strip())
         if self.log_path.exists():

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class ChildServer:
     """
 
     NAME = "server"
+    ERROR: type[Exception] = RuntimeError
 
     def __init__(self, port: int | None, host: str, workdir: str | Path | None, prefix: str) -> None:
         self.host = host
@@ -55,7 +57,45 @@ class ChildServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout: float = 10.0) -> ChildServer:
+    def start(self, timeout: float = 10.0):
+        """Launch the server and wait until it is ready; on losing a race for a free port, try another."""
+        if self.running:
+            raise self.ERROR(f"{self.NAME} already running on {self.address}")
+        self._prepare()
+        for attempt in range(3):
+            self._proc = self._launch()
+            if self._wait_ready(timeout):
+                logger.info("%s pid %d listening on %s", self.NAME, self._proc.pid, self.address)
+                return self
+            failure = self._failure_text()
+            self.stop()
+            if "address already in use" in failure.lower() and not self._fixed_port and attempt < 2:
+                self.port = free_port(self.host)
+                continue
+            raise self.ERROR(f"{self.NAME} did not start on {self.address}: {failure}")
+        raise AssertionError("unreachable")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                return False
+            if self._ready():
+                return True
+            time.sleep(0.05)
+        return False
+
+    # Subclasses: what to check and write first, how to launch, when it is ready, why it failed.
+    def _prepare(self) -> None:
+        pass
+
+    def _launch(self) -> subprocess.Popen:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        return port_open(self.host, self.port)
+
+    def _failure_text(self) -> str:
         raise NotImplementedError
 
     def stop(self, timeout: float = 10.0) -> None:

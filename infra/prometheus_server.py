@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from infra.child_server import ChildServer, free_port, port_open
+from infra.child_server import ChildServer, port_open
 from publishers.errors import EdgeqError
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class PrometheusServer(ChildServer):
     """
 
     NAME = "prometheus"
+    ERROR = PrometheusError
 
     def __init__(
         self,
@@ -124,51 +125,40 @@ class PrometheusServer(ChildServer):
 
     def start(self, timeout: float = 30.0) -> PrometheusServer:
         """Start Prometheus and wait until /-/ready answers 200 (TSDB open, config loaded)."""
-        if self.running:
-            raise PrometheusError(f"prometheus already running on {self.address}")
-        binary = find_prometheus()
+        return super().start(timeout)
+
+    def _prepare(self) -> None:
+        self._binary = find_prometheus()
         if not self.config.is_file():
             raise PrometheusError(f"prometheus config {self.config} does not exist")
         self.targets_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.config, self.config_path)
-        for attempt in range(3):
-            with open(self.log_path, "ab") as log:
-                self._proc = subprocess.Popen(
-                    [
-                        binary,
-                        f"--config.file={self.config_path}",
-                        f"--storage.tsdb.path={self.workdir / 'data'}",
-                        f"--storage.tsdb.retention.time={self.retention}",
-                        f"--web.listen-address={self.address}",
-                    ],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=self.workdir, start_new_session=True,
-                )
-            if self._wait_ready(timeout):
-                logger.info("prometheus pid %d listening on %s", self._proc.pid, self.address)
-                return self
-            tail = self.log_tail()
-            self.stop()
-            if "address already in use" in tail and not self._fixed_port and attempt < 2:
-                self.port = free_port(self.host)  # lost a race for the port: try another
-                continue
-            raise PrometheusError(f"prometheus did not become ready on {self.address}; log tail:\n{tail}")
-        raise AssertionError("unreachable")
 
-    def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                return False
-            if port_open(self.host, self.port):
-                try:
-                    with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1.0) as resp:
-                        if resp.status == 200:
-                            return True
-                except (urllib.error.URLError, OSError):
-                    pass  # 503 while the TSDB opens, or not listening yet
-            time.sleep(0.1)
-        return False
+    def _launch(self) -> subprocess.Popen:
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(
+                [
+                    self._binary,
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--storage.tsdb.retention.time={self.retention}",
+                    f"--web.listen-address={self.address}",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.workdir, start_new_session=True,
+            )
+
+    def _ready(self) -> bool:
+        if not port_open(self.host, self.port):
+            return False
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1.0) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False  # 503 while the TSDB opens, or not listening yet
+
+    def _failure_text(self) -> str:
+        return f"log tail:\n{self.log_tail()}"
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path.exists():
