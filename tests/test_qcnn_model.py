@@ -87,7 +87,8 @@ def test_standard_export_runs_without_custom_ops_and_agrees(compressed, tmp_path
     x = to_input(test_split.images[:200])
     plain = ort.InferenceSession(str(std), providers=["CPUExecutionProvider"])  # no extensions library
     want = plain.run(None, {"input": x})[0]
-    got = load_runtime("qcnn", compressed["dir"] / "ec.onnx").predict(x)
+    # numba: the float-table reference kernels (the native ones quantize tables: tests/test_qcnn_native.py)
+    got = load_runtime("qcnn", compressed["dir"] / "ec.onnx", kernels="numba").predict(x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # observed max diff ~1e-6
     assert np.array_equal(got.argmax(1), want.argmax(1))
 
@@ -98,8 +99,8 @@ def test_direct_and_extensions_modes_agree_with_standard_export(compressed, test
     # Batch 1 and 3 take the per-sample FC kernel, 37 the 32-sample FC blocks plus a remainder, and with
     # 2 threads the prange versions of both kernels.
     plain = ort.InferenceSession(str(REPO / "models" / "edge_cnn.qcnn.std.onnx"), providers=["CPUExecutionProvider"])
-    runtimes = {mode: load_runtime("qcnn", REPO / "models" / "edge_cnn.qcnn.onnx", threads=threads, mode=mode)
-                for mode in ("direct", "extensions")}
+    runtimes = {mode: load_runtime("qcnn", REPO / "models" / "edge_cnn.qcnn.onnx", threads=threads, mode=mode,
+                                   kernels="numba") for mode in ("direct", "extensions")}
     for n in (1, 3, 37):
         x = to_input(test_split.images[:n])
         want = plain.run(None, {"input": x})[0]

@@ -18,12 +18,15 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration data: MNIST directory (train split is used) or .npy (default data/mnist)")
     p.add_argument("--calib-images", type=int, help="number of calibration images (default 1000)")
     p.add_argument("--conv-dsub", type=int, help="conv sub-vector length along input channels (default 4)")
-    p.add_argument("--conv-k", type=int, help="conv codewords per subspace (default 32)")
+    p.add_argument("--conv-k", type=int, help="conv codewords per subspace (default 16)")
     p.add_argument("--fc-dsub", type=int, help="FC sub-vector length (default 8)")
     p.add_argument("--fc-k", type=int, help="FC codewords per subspace (default 8)")
     p.add_argument("--last-fc", choices=("float16", "float32", "pq"), help="classifier layer storage (default float16)")
     p.add_argument("--no-error-correction", action="store_true", help="plain k-means codebooks, no error correction")
     p.add_argument("--ec-iters", type=int, help="error-correction sweeps per layer (default 8)")
+    p.add_argument("--codes-layout", choices=("auto", "bitstream", "fastscan4"),
+                   help="PQ code storage: fastscan4 = the native kernel's 4-bit blocks (K <= 16), bitstream = "
+                        "ceil(log2 K) bits per code; auto (default) = fastscan4 where codes take 4 bits")
     p.add_argument("--codebook-dtype", choices=("float16", "float32"), help="codebook storage (default float16)")
     p.add_argument("--seed", type=int, help="k-means and calibration sampling seed (default 0)")
     p.add_argument("--threads", type=int, help="threads for onnxruntime / BLAS while compressing (default 1)")

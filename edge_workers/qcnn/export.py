@@ -2,8 +2,9 @@
 
 Format (docs/qcnn-format.md): a quantized layer is one node of domain
 ``ai.edgeq`` (opset version 1) with inputs (X, codebook, codes, bias),
-codebook float16|float32 [M, K, dsub], codes uint8 bit-packed, bias in the
-codebook dtype, and integer attributes describing the layer. Layers kept as
+codebook float16|float32 [M, K, dsub], codes uint8 (bit-packed, or for 4-bit codes
+the native kernel's ``fastscan4`` layout, attribute ``codes_layout=1``, format 2), bias
+in the codebook dtype, and integer attributes describing the layer. Layers kept as
 float may store float16 weights behind a standard Cast node.
 """
 
@@ -14,11 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from edge_workers.qcnn.graph import LinearLayer
-from edge_workers.qcnn.pq import PQWeights, pack_codes, unpack_codes
+from edge_workers.qcnn.pq import PQWeights, pack_codes, pack_fastscan4, unpack_codes, unpack_fastscan4
 
 DOMAIN = "ai.edgeq"
 DOMAIN_VERSION = 1
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds codes_layout=1 (fastscan4); files without such nodes are still written as 1
+READ_VERSIONS = ("1", "2")
+CODES_LAYOUTS = {"bitstream": 0, "fastscan4": 1}  # codes_layout attribute values (absent = 0)
+LAYOUT_CHOICES = ("auto", *CODES_LAYOUTS)  # auto: fastscan4 where codes take exactly 4 bits (9 <= K <= 16)
 PQ_OPS = ("PQConv", "PQGemm")
 CONV_ATTRS = ("kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top", "pad_left", "pad_bottom", "pad_right",
               "dilation_h", "dilation_w", "group", "in_channels", "out_channels")
@@ -30,18 +34,38 @@ class QcnnFormatError(ValueError):
     """A Q-CNN file's PQ node is inconsistent (attribute vs initializer shape mismatch)."""
 
 
-def pq_node(layer: LinearLayer, pq: PQWeights, codebook_dtype: str, prefix: str):
+def codes_layout_for(pq: PQWeights, choice: str = "auto") -> int:
+    """codes_layout attribute value for `pq` under CompressConfig.codes_layout `choice`.
+
+    auto: fastscan4 when codes take exactly 4 bits (the layout then costs only its padding to
+    32 outputs and 4 subspaces); K <= 8 keeps the denser bit stream and is laid out at load.
+    """
+    if choice not in LAYOUT_CHOICES:
+        raise ValueError(f"codes layout must be one of {LAYOUT_CHOICES}, got {choice!r}")
+    if choice == "fastscan4" and pq.K > 16:
+        raise ValueError(f"the fastscan4 codes layout needs K <= 16, got K={pq.K}")
+    if choice == "auto":
+        return CODES_LAYOUTS["fastscan4"] if pq.nbits == 4 else CODES_LAYOUTS["bitstream"]
+    return CODES_LAYOUTS[choice]
+
+
+def pq_node(layer: LinearLayer, pq: PQWeights, codebook_dtype: str, prefix: str, codes_layout: str = "auto"):
     """(node, initializers) replacing `layer` by a PQConv/PQGemm node of domain ai.edgeq.
 
     Initializers are named `<prefix>.codebook`, `<prefix>.codes`, `<prefix>.bias`.
+    codes_layout: "auto", "bitstream" or "fastscan4" (codes_layout_for).
     """
     from onnx import helper, numpy_helper
 
     n = prefix
+    layout = codes_layout_for(pq, codes_layout)
+    packed = pack_fastscan4(pq.codes, pq.group).reshape(-1) if layout else pack_codes(pq.codes, pq.nbits)
     inits = [numpy_helper.from_array(pq.codebook.astype(codebook_dtype), f"{n}.codebook"),
-             numpy_helper.from_array(pack_codes(pq.codes, pq.nbits), f"{n}.codes"),
+             numpy_helper.from_array(packed, f"{n}.codes"),
              numpy_helper.from_array(pq.bias.astype(codebook_dtype), f"{n}.bias")]
     attrs = dict(M=pq.M, K=pq.K, dsub=pq.dsub, nbits=pq.nbits, num_codes=int(pq.codes.size))
+    if layout:  # absent means bitstream, so files without fastscan4 nodes stay readable as format 1
+        attrs["codes_layout"] = layout
     if layer.kind == "conv":
         (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = layer.kernel, layer.strides, layer.pads, layer.dilations
         attrs.update(kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_top=pt, pad_left=pl, pad_bottom=pb,
@@ -88,10 +112,12 @@ def _compact_tensor_names(graph) -> None:
                 node.input[i] = rename[name]
 
 
-def write_qcnn(model, layers: list[LinearLayer], plan: dict, codebook_dtype: str, path) -> int:
+def write_qcnn(model, layers: list[LinearLayer], plan: dict, codebook_dtype: str, path,
+               codes_layout: str = "auto") -> int:
     """Write a Q-CNN file from a normalised float model; returns the file size in bytes.
 
     plan: layer name -> PQWeights (quantized) or "float16" / "float32" (kept standard).
+    codes_layout: how PQ codes are stored ("auto", "bitstream", "fastscan4"; codes_layout_for).
     """
     import onnx
     from onnx import helper
@@ -111,7 +137,7 @@ def write_qcnn(model, layers: list[LinearLayer], plan: dict, codebook_dtype: str
             continue
         choice, prefix = plan[layer.name], f"L{index[layer.name]}"
         if isinstance(choice, PQWeights):
-            nd, its = pq_node(layer, choice, codebook_dtype, prefix)
+            nd, its = pq_node(layer, choice, codebook_dtype, prefix, codes_layout)
             nodes.append(nd)
         else:
             nds, its = float_layer_nodes(layer, choice, prefix)
@@ -125,11 +151,19 @@ def write_qcnn(model, layers: list[LinearLayer], plan: dict, codebook_dtype: str
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     del out.metadata_props[:]
-    helper.set_model_props(out, {"edgeq.qcnn.format": str(FORMAT_VERSION)})
+    fastscan4 = any(a.name == "codes_layout" and a.i for nd in nodes for a in nd.attribute)
+    helper.set_model_props(out, {"edgeq.qcnn.format": str(FORMAT_VERSION if fastscan4 else 1)})
     out.producer_name = "edgeq-qcnn"
     onnx.checker.check_model(out)
     onnx.save(out, str(path))
     return Path(path).stat().st_size
+
+
+def check_format(model) -> None:
+    """Raise QcnnFormatError unless the model's `edgeq.qcnn.format` metadata (if any) is one this code reads."""
+    version = {p.key: p.value for p in model.metadata_props}.get("edgeq.qcnn.format")
+    if version is not None and version not in READ_VERSIONS:
+        raise QcnnFormatError(f"Q-CNN format {version!r} is newer than this edgeq reads ({', '.join(READ_VERSIONS)})")
 
 
 def read_pq(node, inits: dict) -> tuple[PQWeights, dict]:
@@ -153,7 +187,16 @@ def read_pq(node, inits: dict) -> tuple[PQWeights, dict]:
     if S * Mg * C_out != a["num_codes"]:
         raise QcnnFormatError(f"node {node.name!r}: num_codes={a['num_codes']}, expected S*M_g*C_out = "
                               f"{S}*{Mg}*{C_out}")
-    codes = unpack_codes(inits[node.input[2]], a["num_codes"], a["nbits"]).reshape(S, Mg, C_out)
+    layout = a.get("codes_layout", 0)
+    if layout not in CODES_LAYOUTS.values():
+        raise QcnnFormatError(f"node {node.name!r}: unknown codes_layout={layout}; known {CODES_LAYOUTS}")
+    try:
+        if layout == CODES_LAYOUTS["fastscan4"]:
+            codes = unpack_fastscan4(inits[node.input[2]], S, Mg, C_out, group)
+        else:
+            codes = unpack_codes(inits[node.input[2]], a["num_codes"], a["nbits"]).reshape(S, Mg, C_out)
+    except ValueError as err:
+        raise QcnnFormatError(f"node {node.name!r}: {err}") from err
     return PQWeights(codebook, codes, inits[node.input[3]].astype(np.float32), group), a
 
 
@@ -203,6 +246,7 @@ def export_standard(qcnn_path, out_path) -> int:
     from onnx import numpy_helper
 
     model = onnx.load(str(qcnn_path))
+    check_format(model)
     g = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     nodes, new_inits, drop = [], [], set()
@@ -228,16 +272,19 @@ def export_standard(qcnn_path, out_path) -> int:
     return Path(out_path).stat().st_size
 
 
-def runtime_model(qcnn_path, ext_domain: str):
+def runtime_model(qcnn_path, ext_domain: str, kernels: int = 0):
     """The Q-CNN model as onnxruntime-extensions Python ops can run it (in memory; the file is untouched).
 
     PQ nodes move to `ext_domain` (Python custom ops live in onnxruntime-extensions' own domain)
     and their float16 codebook/bias initializers become float32 (the Python op API has no float16).
+    Every PQ node gets explicit `codes_layout` (0 when absent) and `kernels` attributes: Python ops
+    see only declared attributes, and `kernels` carries the runtime's choice to ops.py.
     """
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(qcnn_path))
+    check_format(model)
     g = model.graph
     pq_inputs = set()
     for node in g.node:
@@ -245,6 +292,9 @@ def runtime_model(qcnn_path, ext_domain: str):
             if node.op_type not in PQ_OPS:
                 raise QcnnFormatError(f"node {node.name!r}: unknown {DOMAIN} op {node.op_type!r}; known {PQ_OPS}")
             node.domain = ext_domain
+            if not any(a.name == "codes_layout" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("codes_layout", 0))
+            node.attribute.append(helper.make_attribute("kernels", kernels))
             pq_inputs.update((node.input[1], node.input[3]))
     for i, t in enumerate(g.initializer):
         if t.name in pq_inputs and t.data_type != onnx.TensorProto.FLOAT:

@@ -3,7 +3,9 @@
 Vocabulary (faiss): a layer's input dims (conv: input channels of a group)
 are split into ``M`` subspaces of ``dsub`` dims; each subspace has a
 sub-codebook of ``K`` (ksub) codewords; every weight sub-vector is replaced by
-the index ("code") of a codeword, stored in ``nbits = ceil(log2 K)`` bits.
+the index ("code") of a codeword, stored in ``nbits = ceil(log2 K)`` bits
+(``pack_codes``) or, for K <= 16, in the native kernel's blocked 4-bit layout
+(``pack_fastscan4``; edge_workers/qcnn/fastscan.py).
 
 A fully connected layer is handled as a 1x1 convolution with one tap, so one
 representation serves both: ``PQWeights`` holds
@@ -52,6 +54,50 @@ def unpack_codes(packed: np.ndarray, n: int, nbits: int) -> np.ndarray:
         raise ValueError(f"{n} codes of {nbits} bits need {need} bytes, got {packed.size}")
     bits = np.unpackbits(packed, bitorder="little")[: n * nbits].reshape(n, nbits).astype(np.int32)
     return bits @ (1 << np.arange(nbits, dtype=np.int32))
+
+
+FASTSCAN_MAX_K = 16  # codewords a 4-bit fastscan4 code can name
+FASTSCAN_BLOCK = 32  # outputs per fastscan4 code block (16 bytes, two nibbles each)
+
+
+def padded_subspaces(n: int) -> int:
+    """Mp: subspaces per scan padded to a multiple of 4 (AVX-512 reads four 16-byte rows at once)."""
+    return -(-n // 4) * 4
+
+
+def pack_fastscan4(codes: np.ndarray, group: int = 1) -> np.ndarray:
+    """codes int [S, M_g, C_out] in [0, 16) -> uint8 [group, ceil(C_out/group/32), Mp, 16] (layout: docs/qcnn-format.md)."""
+    codes = np.asarray(codes)
+    if codes.ndim != 3 or codes.shape[2] % group:
+        raise ValueError(f"expected codes [S, M_g, C_out] with group={group} dividing C_out, got {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= FASTSCAN_MAX_K):
+        raise ValueError(f"fastscan4 codes must be in [0, {FASTSCAN_MAX_K}), got [{codes.min()}, {codes.max()}]")
+    S, Mg, C_out = codes.shape
+    Cog, Mp = C_out // group, padded_subspaces(S * Mg)
+    nblk = -(-Cog // FASTSCAN_BLOCK)
+    full = np.zeros((group, nblk * FASTSCAN_BLOCK, Mp), np.uint8)
+    full[:, :Cog, :S * Mg] = codes.reshape(S * Mg, group, Cog).transpose(1, 2, 0)
+    full = full.reshape(group, nblk, FASTSCAN_BLOCK, Mp)
+    packed = full[:, :, :16, :] | (full[:, :, 16:, :] << 4)  # [group, nblk, 16, Mp]
+    return np.ascontiguousarray(packed.transpose(0, 1, 3, 2))
+
+
+def fastscan4_bytes(S: int, Mg: int, C_out: int, group: int) -> int:
+    """Size in bytes of the fastscan4 codes of a layer."""
+    return group * -(-(C_out // group) // FASTSCAN_BLOCK) * padded_subspaces(S * Mg) * 16
+
+
+def unpack_fastscan4(packed: np.ndarray, S: int, Mg: int, C_out: int, group: int = 1) -> np.ndarray:
+    """Inverse of pack_fastscan4: uint8 [fastscan4_bytes(...)] -> int32 [S, M_g, C_out]."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+    need = fastscan4_bytes(S, Mg, C_out, group)
+    if packed.size != need:
+        raise ValueError(f"fastscan4 codes of S={S} M_g={Mg} C_out={C_out} group={group} are {need} bytes, "
+                         f"got {packed.size}")
+    Cog, Mp = C_out // group, padded_subspaces(S * Mg)
+    p = packed.reshape(group, -1, Mp, 16).transpose(0, 1, 3, 2)  # [group, nblk, 16, Mp]
+    full = np.concatenate([p & 15, p >> 4], axis=2).reshape(group, -1, Mp)[:, :Cog, :S * Mg]  # [group, Cog, S*Mg]
+    return np.ascontiguousarray(full.transpose(2, 0, 1).reshape(S, Mg, C_out), dtype=np.int32)
 
 
 def weight_taps(weight: np.ndarray) -> np.ndarray:

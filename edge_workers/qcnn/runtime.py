@@ -1,10 +1,17 @@
-"""The ``qcnn`` model runtime: a Q-CNN ONNX file with its PQ layers run by the numba kernels.
+"""The ``qcnn`` model runtime: a Q-CNN ONNX file with its PQ layers run by the native or numba kernels.
 
-Two execution modes, same numerics (float32 lookup tables summed by code, ``kernels.py``):
+Kernels (``kernels=``): "auto" (default) runs layers with K <= 16 codewords on the native
+fast-scan kernels (``fastscan.py``: 8-bit tables, SIMD shuffles) and the others on the numba
+kernels (``kernels.py``: float32 tables); "native" requires the fast-scan kernels for every
+layer; "numba" is the float-table reference. Without the compiled extension "auto" logs one
+warning and uses numba.
+
+Two execution modes, same kernels:
 
 * ``mode="direct"`` (default): the graph is cut at its PQConv/PQGemm nodes. Each run of
   standard nodes between them becomes a small onnxruntime session (same threads), each PQ
-  node a prepared ``kernels.PQConv``/``PQGemm`` (codes unpacked and laid out once at load),
+  node a prepared layer (``fastscan.FastScanConv``/``FastScanGemm`` or ``kernels.PQConv``/``PQGemm``;
+  codes unpacked and laid out once at load),
   and ``predict`` passes numpy arrays from one step to the next.
 * ``mode="extensions"``: one onnxruntime session with the PQ nodes as onnxruntime-extensions
   Python custom ops (``ops.py``). It needs no graph surgery but pays onnxruntime-extensions'
@@ -12,14 +19,16 @@ Two execution modes, same numerics (float32 lookup tables summed by code, ``kern
   Python float per element, ``onnxruntime_extensions/_ocos.py``), and attributes are re-cast
   into a new dict on every call.
 
-Why direct is the default (edge_cnn, 1 thread, same kernels in both modes, medians on a
+Why direct is the default (edge_cnn, 1 thread, numba kernels in both modes, medians on a
 shared 2-core host, float onnxruntime in the same process for scale): batch 1 0.37 vs
 1.10 ms (float 0.14), batch 32 5.0 vs 18.0 ms (float 2.5), batch 64 9.4 vs 39.0 ms (float
 3.8). In extensions mode the PQ op bodies are ~20% of the time and the conversion the rest,
 far outside the 1.5x that would justify the simpler single session.
 
-Threads: sub-sessions get `threads` intra-op threads without spinning, and the kernels run
-their prange versions over samples. numba's OpenMP layer spins in its barriers by default,
+Threads: sub-sessions get `threads` intra-op threads; native kernels split a batch over
+`threads` Python threads (the C code releases the GIL), numba kernels run their prange
+versions over samples. Sub-sessions do not spin (their workers would take the cores the
+kernels run on next), which costs wake-up time at batch 1; numba's OpenMP layer spins in its barriers by default,
 which costs milliseconds per call when the cores are shared; set ``OMP_WAIT_POLICY=passive``
 (or ``NUMBA_THREADING_LAYER=workqueue``) at process start where that is the case.
 """
@@ -37,21 +46,29 @@ MODES = ("direct", "extensions")
 class QcnnRuntime:
     """Runs a Q-CNN file (ai.edgeq PQConv/PQGemm nodes); see the module docstring for `mode`.
 
-    threads: onnxruntime intra-op threads and numba threads for the PQ kernels.
+    threads: onnxruntime intra-op threads, numba threads for the numba kernels, and the number of
+    slices a batch is split into for the native kernels. kernels: "auto", "native" or "numba".
     """
 
     key = "qcnn"
 
-    def __init__(self, path: str, threads: int = 1, mode: str = "direct"):
+    def __init__(self, path: str, threads: int = 1, mode: str = "direct", kernels: str = "auto"):
         import numba
+
+        from edge_workers.qcnn.fastscan import KERNELS, NativeUnavailableError
 
         if mode not in MODES:
             raise ValueError(f"unknown qcnn runtime mode {mode!r}; known {MODES}")
-        self.path, self.mode = path, mode
+        if kernels not in KERNELS:
+            raise ValueError(f"unknown qcnn kernels {kernels!r}; known {KERNELS}")
+        self.path, self.mode, self.kernels = path, mode, kernels
         self.threads = max(1, int(threads))
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         try:
-            self._run, self.input_name, input_dims = (_direct if mode == "direct" else _extensions)(path, self.threads)
+            self._run, self.input_name, input_dims = (_direct if mode == "direct" else _extensions)(
+                path, self.threads, kernels)
+        except NativeUnavailableError:
+            raise
         except Exception as err:  # onnx / onnxruntime raise their own exception types
             raise ValueError(f"cannot load Q-CNN model {path}: {err}") from err
         self.input_shape = static_input_shape(path, self.input_name, input_dims)
@@ -65,33 +82,35 @@ class QcnnRuntime:
         import numba
 
         x = check_batch(x, self.input_shape)
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        if getattr(self._run, "uses_numba", True):  # costs microseconds: skipped when every PQ layer is native
+            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         return self._run(x)
 
 
-def _extensions(path: str, threads: int):
+def _extensions(path: str, threads: int, kernels: str):
     """(run, input name, input dims): one session, PQ nodes as onnxruntime-extensions Python ops."""
     import onnxruntime as ort
 
+    from edge_workers.qcnn import ops
     from edge_workers.qcnn.export import runtime_model
-    from edge_workers.qcnn.ops import EXT_DOMAIN, session_options
 
-    model = runtime_model(path, EXT_DOMAIN)
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+    model = runtime_model(path, ops.EXT_DOMAIN, ops.KERNELS.index(kernels))
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=ops.session_options(threads),
                                    providers=["CPUExecutionProvider"])
     inp, out = session.get_inputs()[0], session.get_outputs()[0].name
     return (lambda x: session.run([out], {inp.name: x})[0]), inp.name, inp.shape
 
 
-def _direct(path: str, threads: int):
-    """(run, input name, input dims): standard-node segments as onnxruntime sessions, PQ nodes as numba kernels."""
+def _direct(path: str, threads: int, kernels: str):
+    """(run, input name, input dims): standard-node segments as onnxruntime sessions, PQ nodes as kernel calls."""
     import onnx
     from onnx import numpy_helper
 
-    from edge_workers.qcnn import kernels
-    from edge_workers.qcnn.export import DOMAIN, PQ_OPS, QcnnFormatError, read_pq
+    from edge_workers.qcnn import fastscan
+    from edge_workers.qcnn.export import CODES_LAYOUTS, DOMAIN, PQ_OPS, QcnnFormatError, check_format, read_pq
 
     model = onnx.load(path)
+    check_format(model)
     g = model.graph
     for node in g.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
@@ -118,12 +137,16 @@ def _direct(path: str, threads: int):
         needed_later[i] = set(later)
         later |= {n for node in groups[i] for n in node.input if n}
     types = {graph_inputs[0].name: graph_inputs[0].type.tensor_type.elem_type}
+    k_max = max((a.i for nd in g.node if nd.domain == DOMAIN for a in nd.attribute if a.name == "K"), default=0)
+    uses_numba = kernels == "numba" or k_max > fastscan.MAX_K or fastscan.native() is None
     steps = []
     for i, nodes in enumerate(groups):
         if nodes[0].domain == DOMAIN:
             node = nodes[0]
-            pq, a = read_pq(node, {n: numpy_helper.to_array(inits[n]) for n in node.input[1:]})
-            layer = kernels.from_attrs(node.op_type, pq.codebook, pq.codes, pq.bias, a)
+            arrays = {n: numpy_helper.to_array(inits[n]) for n in node.input[1:]}
+            pq, a = read_pq(node, arrays)
+            packed = arrays[node.input[2]] if a.get("codes_layout") == CODES_LAYOUTS["fastscan4"] else None
+            layer = fastscan.from_attrs(node.op_type, pq.codebook, pq.codes, pq.bias, a, kernels, packed, threads)
             steps.append((layer.apply, node.input[0], node.output[0]))
             types[node.output[0]] = onnx.TensorProto.FLOAT
         else:
@@ -140,6 +163,7 @@ def _direct(path: str, threads: int):
                 env.update(zip(outs, fn(outs, {n: env[n] for n in ins}), strict=True))
         return env[out_name]
 
+    run.uses_numba = uses_numba
     dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
             for d in graph_inputs[0].type.tensor_type.shape.dim]
     return run, in_name, dims
@@ -164,7 +188,9 @@ def _segment(model, nodes: list, inits: dict, types: dict, needed: set, threads:
     m = helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain != DOMAIN],
                           ir_version=model.ir_version)
     so = session_options(threads)
-    if threads > 1:  # spinning onnxruntime workers would take the cores the numba kernels run on next
+    # Spinning onnxruntime workers would take the cores the kernels run on next (numba's OpenMP threads, or the
+    # native kernels' batch halves: with spinning, edge CNN batch 32 on 2 threads measured 2.8-5.2 ms vs 1.5 ms).
+    if threads > 1:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
     for o in session.get_outputs():  # "tensor(float)" -> TensorProto.FLOAT

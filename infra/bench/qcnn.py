@@ -2,8 +2,11 @@
 
 Two models: the reference edge CNN (held-out MNIST accuracy) and a wide
 random fully connected layer (output error vs float only). For each, four
-variants are built in a temporary directory and measured for file size,
-accuracy, output error and latency (batch 1 and 32, threads 1 and all).
+files are built in a temporary directory (float, int8 QDQ, Q-CNN k-means,
+Q-CNN EC) and five variants measured for file size, accuracy, output error
+and latency (batch 1 and 32, threads 1 and all): the Q-CNN files run on the
+numba float-table kernels, and the EC file also on the native fast-scan
+kernels ("Q-CNN EC native": 4-bit codes, 8-bit tables, SIMD shuffles).
 A K x dsub sweep on the edge CNN is plotted as accuracy vs compression.
 Calibration uses the train split only; the test split is used for accuracy.
 """
@@ -22,13 +25,15 @@ from typing import Callable
 
 import numpy as np
 
+from infra.bench.qcnn_tables import layer_table, targets_table, wide_note
 from infra.bench.report import Table, machine_info, usable_cores, write_markdown
 from infra.bench.sweep import SweepPoint, plot_sweep, sweep_table
 from infra.bench.timing import Latency, measure_latency
 
 Progress = Callable[[str], None]
 
-VARIANTS = ("float", "int8 QDQ", "Q-CNN k-means", "Q-CNN EC")
+VARIANTS = ("float", "int8 QDQ", "Q-CNN k-means", "Q-CNN EC", "Q-CNN EC native")
+NATIVE = "Q-CNN EC native"
 BATCHES = (1, 32)
 EVAL_BATCH = 256
 QCNN_KEYS = ("conv_k", "conv_dsub", "fc_k", "fc_dsub", "last_fc", "ec_iters", "codebook_dtype")  # shown in the notes
@@ -76,7 +81,9 @@ class Variant:
     accuracy: float | None = None  # top-1 in [0, 1] on the held-out split; None for random-weight models
     rel_error: float | None = None  # ||y - y_float|| / ||y_float|| on the eval inputs
     latency: dict[tuple[int, int], Latency] = field(default_factory=dict)  # (batch, threads) -> Latency
-    report: object | None = None  # CompressReport for Q-CNN variants
+    report: object | None = None  # CompressReport for Q-CNN variants (not repeated on the native row)
+    options: dict = field(default_factory=dict)  # extra load_runtime options (the Q-CNN kernels)
+    top1: np.ndarray | None = None  # int [n_eval] predicted class per eval input
 
 
 @dataclass
@@ -182,7 +189,10 @@ def build_variants(case: Case, cfg: QcnnBenchConfig, tmp: Path, progress: Progre
         progress(f"[bench qcnn] {case.name}: {name} compression")
         out = tmp / f"{case.path.stem}.{'ec' if ec else 'kmeans'}.qcnn"
         report, secs = compress(case, out, qcnn_config(cfg, ec, **case.qcnn_overrides), progress)
-        case.variants.append(Variant(name, "qcnn", out, out.stat().st_size, secs, report=report))
+        case.variants.append(Variant(name, "qcnn", out, out.stat().st_size, secs, report=report,
+                                     options={"kernels": "numba"}))
+    ec_file = case.variants[-1]  # the same file on the native fast-scan kernels (every layer: K <= 16)
+    case.variants.append(Variant(NATIVE, "qcnn", ec_file.path, ec_file.file_bytes, options={"kernels": "native"}))
 
 
 def evaluate(case: Case, threads: int, progress: Progress) -> None:
@@ -192,10 +202,11 @@ def evaluate(case: Case, threads: int, progress: Progress) -> None:
 
     ref = None
     for v in case.variants:
-        rt = load_runtime(v.key, v.path, threads=threads)
+        rt = load_runtime(v.key, v.path, threads=threads, **v.options)
         rt.warmup()
         y = predict_batched(rt.predict, case.x_eval, EVAL_BATCH)
         ref = y if ref is None else ref
+        v.top1 = y.argmax(axis=1)
         v.rel_error = relative_error(y, ref)
         if case.labels is not None:
             v.accuracy = float(np.mean(y.argmax(axis=1) == case.labels))
@@ -211,7 +222,7 @@ def time_variants(case: Case, cfg: QcnnBenchConfig, progress: Progress) -> None:
         x = np.ascontiguousarray(np.resize(case.x_eval, (batch, *case.x_eval.shape[1:])))
         for threads in cfg.threads:
             for v in case.variants:
-                rt = load_runtime(v.key, v.path, threads=threads)  # a fresh runtime sets its own thread pools
+                rt = load_runtime(v.key, v.path, threads=threads, **v.options)  # a fresh runtime: its own pools
                 rt.warmup()
                 v.latency[batch, threads] = lat = measure_latency(
                     functools.partial(rt.predict, x), cfg.repeats, warmup=3, max_seconds=cfg.max_seconds
@@ -240,7 +251,8 @@ def make_cases(cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[Case
     # At least 2 D calibration inputs: EC's least squares over D input dims needs more rows than D.
     wide = Case(f"wide FC {d}->{d}", wide_path, rng.standard_normal((max(cfg.calib_images, 2 * d), d), dtype=np.float32),
                 rng.standard_normal((cfg.wide_eval, d), dtype=np.float32), None,
-                qcnn_overrides={"last_fc": "pq"})  # its only layer is the last FC: quantize it too
+                qcnn_overrides={"last_fc": "pq", "fc_k": 16})  # its only layer is the last FC: quantize it too;
+    # K = 16: 4-bit codes, the fast-scan kernels' format (the issue's 4096 -> 4096, K = 16 layer)
     return [edge, wide]
 
 
@@ -302,48 +314,14 @@ def latency_table(cases: list[Case], cfg: QcnnBenchConfig) -> Table:
     return t
 
 
-def _fmt(x, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
+def _ec(case: Case) -> Variant:
+    return next(v for v in case.variants if v.name == "Q-CNN EC")
 
 
-def layer_table(cases: list[Case]) -> Table:
-    t = Table("Per-layer response error (Q-CNN, k-means vs error correction)",
-              ["model", "layer", "kind", "stored", "M", "K", "dsub", "float bytes", "stored bytes", "k-means", "EC"],
-              note="response error = ||Y_q - Y||² / ||Y||² of the layer output on the calibration inputs, each "
-                   "network fed its own quantized lower layers, as reported by the compressor (k-means column from "
-                   "the k-means run, EC column from the EC run); layers kept standard have none.")
-    for c in cases:
-        by_name = {v.name: v.report for v in c.variants if v.report is not None}
-        km = {row["name"]: row for row in by_name["Q-CNN k-means"].layers}
-        for row in by_name["Q-CNN EC"].layers:
-            err_km = km.get(row["name"], row).get("response_error_kmeans")
-            t.add(c.name, row["name"], row["kind"], row.get("kind_stored", "pq"), _fmt(row["M"], "d"),
-                  _fmt(row["K"], "d"), _fmt(row["dsub"], "d"), f"{row['float_bytes']:,}", f"{row['pq_bytes']:,}",
-                  _fmt(err_km, ".4f"), _fmt(row.get("response_error_ec"), ".4f"))
-    return t
+def _native_path() -> str:
+    from edge_workers.qcnn.fastscan import paths
 
-
-def wide_note(case: Case) -> str:
-    """What the wide FC's Q-CNN rows show: the wide-layer settings used and whether EC held up out of sample."""
-    by_name = {v.name: v for v in case.variants}
-    km, ec = by_name["Q-CNN k-means"], by_name["Q-CNN EC"]
-    cfg = ec.report.config
-    ly = ec.report.layers[0]
-    wide = ly["M"] is not None and ly["M"] > cfg["wide_subspaces"]
-    text = (f"Wide-layer settings: layers with more than wide_subspaces={cfg['wide_subspaces']} subspaces "
-            f"({'this one has' if wide else 'not this one:'} M={ly['M']}) use k-means with "
-            f"n_init={cfg['wide_kmeans_n_init']}, max_iter={cfg['wide_kmeans_max_iter']} and "
-            f"{cfg['wide_ec_iters']} EC sweeps (other layers: n_init={cfg['kmeans_n_init']}, "
-            f"max_iter={cfg['kmeans_max_iter']}, {cfg['ec_iters']} sweeps). ")
-    err_km, err_ec = km.rel_error, ec.rel_error
-    if err_ec > err_km:
-        return text + (f"On this random layer EC overfits: it lowers the response error on the calibration inputs "
-                       f"({ly['response_error_kmeans']:.4f} -> {ly['response_error_ec']:.4f}, per-layer table) but the "
-                       f"held-out output error is worse than plain k-means ({err_ec:.4f} vs {err_km:.4f}). With "
-                       f"random weights and random inputs there is no structure for PQ or EC to exploit, so what EC fits to the "
-                       f"{len(case.calib)} calibration rows (every code and codeword of {ly['M']} subspaces) does not "
-                       "carry over to new inputs; the edge CNN rows are the meaningful accuracy test.")
-    return text + f"EC's held-out output error {err_ec:.4f} vs k-means {err_km:.4f}."
+    return f"path {paths()[0]}" if paths() else "NOT BUILT"
 
 
 def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
@@ -359,7 +337,8 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
             evaluate(case, max(cfg.threads), progress)
             time_variants(case, cfg, progress)
         points = run_sweep(cases[0], cfg, tmp, progress) if cfg.sweep else []
-    tables = [size_table(cases), latency_table(cases, cfg), layer_table(cases)]
+    tables = [targets_table(cases, cfg.threads, BATCHES, NATIVE), size_table(cases), latency_table(cases, cfg),
+              layer_table(cases)]
     images = []
     if points:
         edge = cases[0]
@@ -378,8 +357,13 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         "k-means to exploit: this model measures size and speed, its error is a worst case.",
         wide_note(cases[1]),
         "Q-CNN main rows use the compressor's CompressConfig defaults ("
-        + ", ".join(f"{k}={cases[0].variants[-1].report.config.get(k)}" for k in QCNN_KEYS)
-        + "); the wide FC also sets last_fc=pq (its only layer). The sweep sets conv_k=fc_k=K and conv_dsub=fc_dsub=dsub.",
+        + ", ".join(f"{k}={_ec(cases[0]).report.config.get(k)}" for k in QCNN_KEYS)
+        + "); the wide FC also sets last_fc=pq (its only layer) and fc_k=16. The sweep sets conv_k=fc_k=K and "
+        "conv_dsub=fc_dsub=dsub and runs each file with the runtime's default kernels (native where K <= 16).",
+        "Kernels: the Q-CNN k-means and Q-CNN EC rows run the numba float-table kernels (the reference); "
+        f"{NATIVE} runs the same EC file on the native fast-scan kernels ({_native_path()}: 4-bit codes, "
+        "lookup tables quantized to 8 bits per sample, SIMD byte shuffles, 16-bit accumulators). With 2 threads "
+        "the native kernels split a batch in two halves.",
         "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
         "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
         "(onnxruntime's CPU guidance).",
