@@ -18,12 +18,17 @@ class CloudConfig:
     threads: int = 1                         # inference threads per actor
     metrics_port: int = 9701                 # actor i serves metrics on metrics_port + i; 0 = any free port
     metrics_addr: str = "127.0.0.1"
+    # k the pca-* codecs take; 0 = the PCA MLP model's input size. With another k (<= pca.npz's k_max) pca
+    # frames are answered once a model was learned for that k (cloud_workers.learning), degraded before.
+    pca_components: int = 0
 
     def __post_init__(self) -> None:
         if self.actors < 1:
             raise ConfigError(f"cloud.actors must be >= 1, got {self.actors}")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"cloud.metrics_port must be a port number, got {self.metrics_port}")
+        if self.pca_components < 0:
+            raise ConfigError(f"cloud.pca_components must be >= 0, got {self.pca_components}")
 
 
 @dataclass

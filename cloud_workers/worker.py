@@ -18,6 +18,7 @@ import numpy as np
 
 from cloud_workers import metrics
 from cloud_workers.config import CloudConfig
+from cloud_workers.learning import LearningMixin
 from edge_workers.codecs import CODECS, FRAME_CODECS, UplinkCodec
 from edge_workers.reduce import PCA_FILE, PCAModel
 from edge_workers.routing import confidence
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 ACTOR_PREFIX = "edgeq-cloud-"
 
 
-class CloudWorker:
-    """Classifies uplink batches. Plain class; `infra.cluster` wraps it with `ray.remote`."""
+class CloudWorker(LearningMixin):
+    """Classifies uplink batches, and learns from reduced labelled frames (cloud_workers.learning).
+
+    Plain class; `infra.cluster` wraps it with `ray.remote`.
+    """
 
     def __init__(self, cfg: CloudConfig, index: int = 0, serve_metrics: bool = True):
         # Actor entry: the launcher passes the driver's --log-level in the actor's environment.
@@ -42,6 +46,8 @@ class CloudWorker:
         self.frame_model.warmup()
         self.pca_model.warmup()
         (self.pca_k,) = self.pca_model.input_shape
+        self.static_pca_k = self.pca_k
+        self.pca_k = cfg.pca_components or self.pca_k  # another k is served by a learned model only
         pca = PCAModel.load(mdir / PCA_FILE)
         frame_shape = tuple(self.frame_model.input_shape[1:])
         self.codecs = {
@@ -49,6 +55,7 @@ class CloudWorker:
             for name in CODECS
         }
         self.counts: collections.Counter[str] = collections.Counter()
+        self._init_learning(pca, frame_shape, cfg.threads)
         self.metrics_port = None
         if serve_metrics:
             from infra.metrics_server import serve_metrics as serve
@@ -77,10 +84,18 @@ class CloudWorker:
         if n < 1 or len(codes) != n * c.code_size:
             metrics.CLOUD_ERRORS.labels("wrong_size").inc()
             raise ValueError(f"{codec}: expected {n} x {c.code_size} = {n * c.code_size} bytes, got {len(codes)}")
-        x = c.decode_codes(np.frombuffer(codes, dtype=np.uint8).reshape(n, c.code_size))
-        model, key = (self.frame_model, "cloud-cnn") if codec in FRAME_CODECS else (self.pca_model, "cloud-pca-mlp")
+        learned = self.learned_model(codec, c.code_size)  # a model learned from reduced frames wins
+        if learned is None and codec not in FRAME_CODECS and self.pca_k != self.static_pca_k:
+            metrics.CLOUD_ERRORS.labels("no_model").inc()
+            raise RuntimeError(f"{codec} with k={self.pca_k}: no model learned yet (the PCA MLP takes k="
+                               f"{self.static_pca_k})")
+        codes_2d = np.frombuffer(codes, dtype=np.uint8).reshape(n, c.code_size)
         t0 = time.perf_counter()
-        logits = model.predict(x)
+        if learned is not None:
+            key, logits = "cloud-learned", learned.logits(codes_2d)
+        else:
+            model, key = (self.frame_model, "cloud-cnn") if codec in FRAME_CODECS else (self.pca_model, "cloud-pca-mlp")
+            logits = model.predict(c.decode_codes(codes_2d))
         metrics.CLOUD_INFERENCE_SECONDS.labels(key).observe(time.perf_counter() - t0)
         metrics.CLOUD_FRAMES.labels(codec).inc(n)
         metrics.CLOUD_BYTES.labels(codec).inc(len(codes))

@@ -45,6 +45,9 @@ class EdgeConfig:
     cloud_timeout_s: float = 2.0      # per cloud call; on timeout the edge answers, marked degraded
     metrics_port: int = 9601          # actor i serves metrics on metrics_port + i; 0 = any free port
     metrics_addr: str = "127.0.0.1"   # bind address of the metrics endpoints
+    # Also take labelled frames from the train/eval topics, reduce them with `codec` and send them to the cloud
+    # workers' learning store (edge_workers.learning, docs/edge-learning.md).
+    learn: bool = False
 
     def __post_init__(self) -> None:
         if self.actors < 1:

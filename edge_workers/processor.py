@@ -102,10 +102,12 @@ class EdgeProcessor:
             raise ValueError(f"expected frames [N, {self.frame_shape[0]}, {self.frame_shape[1]}], "
                              f"got {list(images.shape)}")
         n = len(images)
-        t0 = time.perf_counter()
-        denoised = self.denoiser.apply(images)
-        t1 = time.perf_counter()
         policy = self.cfg.policy
+        t0 = time.perf_counter()
+        # cloud-only with the raw codec uses neither the edge model nor denoised frames: skip the denoiser
+        # (measured on a busy 2-core host: 8.6 -> 0.03 ms per 64-frame cloud-only batch).
+        denoised = None if policy == "cloud-only" and self.codec.name == "raw" else self.denoiser.apply(images)
+        t1 = time.perf_counter()
         if policy == "cloud-only":
             classes, conf = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
         else:
@@ -118,7 +120,10 @@ class EdgeProcessor:
         else:
             to_cloud = conf < self.cfg.threshold
         if to_cloud.any():
-            uplink = self.codec.compute_codes(images[to_cloud], denoised=denoised[to_cloud])
+            everything = bool(to_cloud.all())  # cloud-only: no copies of the whole batch
+            uplink = self.codec.compute_codes(
+                images if everything else images[to_cloud],
+                denoised=denoised if everything or denoised is None else denoised[to_cloud])
         else:
             uplink = np.zeros((0, self.codec.code_size), dtype=np.uint8)
         t3 = time.perf_counter()

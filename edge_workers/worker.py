@@ -6,6 +6,11 @@ Threads inside one actor:
                             send uncertain frames to a cloud worker without waiting;
                             finishes cloud answers as they come back (or times them out,
                             answering with the edge's own prediction marked degraded).
+
+At-least-once: the actor's MQTT session is persistent under a stable client id
+(`<group>-<namespace>-<index>`) and QoS 1 frames are acknowledged only after their result was
+handed to paho (docs/reliability.md). A crashed actor, restarted by Ray with the
+same arguments, resumes the session and gets its unacknowledged frames again.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 
 from edge_workers import metrics, results
 from edge_workers.config import EdgeConfig
-from edge_workers.ingest import Subscriber, decode_frame
+from edge_workers.ingest import Received, Subscriber, decode_frame
+from edge_workers.learning import TrainingForwarder
 from edge_workers.processor import EdgeProcessor, FrameRejected, frame_pixels
 from publishers import topics
 from publishers.errors import FrameDecodeError
@@ -40,6 +46,7 @@ class PendingCall:
 
     ref: object               # ray.ObjectRef
     frames: list[Frame]
+    msgs: list[Received]      # the frames' MQTT messages, acknowledged once answered
     edge_classes: np.ndarray  # fallback answers (-1 when the edge did not classify)
     edge_conf: np.ndarray
     codes: bytes
@@ -68,21 +75,28 @@ class EdgeWorker:
             from infra.metrics_server import serve_metrics as serve
 
             self.metrics_port = serve(cfg.metrics_port + index if cfg.metrics_port else 0, cfg.metrics_addr)
+        # Stable id + persistent session: a restarted actor resumes its session and its unacked frames.
+        # The Ray namespace keeps two deployments sharing a broker (and a group) from taking over each other's ids.
         self.sub = Subscriber(
-            mqtt_cfg, f"edgeq-edge-{index}-{os.getpid()}", topics.shared(topics.FRAMES_FILTER, cfg.group),
-            max_queue=cfg.queue_size, status_component=f"edge.{index}",
+            mqtt_cfg, f"{cfg.group}-{namespace}-{index}", topics.shared(topics.FRAMES_FILTER, cfg.group),
+            max_queue=cfg.queue_size, status_component=f"edge.{index}", persistent=True, manual_ack=True,
         ).start()
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._drops_reported: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name=f"edge-{index}", daemon=True)
         self._thread.start()
+        # Labelled train/eval frames for learning in the cloud (edge_workers.learning): off unless edge.learn.
+        self.learning = (TrainingForwarder(cfg, mqtt_cfg, index, self.processor, self.cloud_names, namespace)
+                         if cfg.learn else None)
 
     # ------------------------------------------------------------ control
 
     def ready(self, timeout: float = 30.0) -> dict:
         """Wait until the broker acknowledged the subscription; return `info()`."""
         self.sub.wait_subscribed(timeout)
+        if self.learning:
+            self.learning.wait_subscribed(timeout)
         if self.cfg.policy != "edge-only":
             self._connect_clouds()
         return self.info()
@@ -98,6 +112,10 @@ class EdgeWorker:
         out["queue_depth"] = self.sub.queue.qsize()
         out.update({f"dropped.{k}": v for k, v in dict(self.sub.dropped).items()})  # copy: paho's thread adds keys
         out["pending_cloud_calls"] = len(self.pending)
+        out["acked"] = self.sub.acks
+        out["rss_bytes"] = rss_bytes()
+        if self.learning:
+            out.update(self.learning.stats())
         return out
 
     def stop(self, drain_s: float = 10.0) -> dict:
@@ -105,8 +123,11 @@ class EdgeWorker:
 
         After the broker acknowledged the unsubscribe no further frames come to this worker, so the
         loop can drain its queue and in-flight cloud calls and exit. Anything still unanswered at
-        the deadline is counted as dropped (reason `shutdown`). Returns the final stats.
+        the deadline is counted as dropped (reason `shutdown`); unacknowledged, those frames stay in
+        this client id's broker session and come back when it reconnects. Returns the final stats.
         """
+        if self.learning:
+            self.learning.stop(drain_s)
         self.sub.unsubscribe()
         self._draining.set()
         self._thread.join(timeout=drain_s)
@@ -140,7 +161,7 @@ class EdgeWorker:
                 )
         self._clouds = handles
 
-    def _submit(self, frames: list[Frame], codes: bytes, classes, conf, attempt: int = 1,
+    def _submit(self, frames: list[Frame], msgs: list[Received], codes: bytes, classes, conf, attempt: int = 1,
                 after: int | None = None) -> None:
         """Send one uplink batch to a cloud actor: round robin, or the one after `after` for a retry."""
         if not self._clouds:
@@ -151,7 +172,7 @@ class EdgeWorker:
         else:
             index = (after + 1) % len(self._clouds)
         ref = self._clouds[index].infer.remote(self.cfg.codec, codes, len(frames))
-        self.pending.append(PendingCall(ref, frames, classes, conf, codes,
+        self.pending.append(PendingCall(ref, frames, msgs, classes, conf, codes,
                                         time.monotonic() + self.cfg.cloud_timeout_s, index, attempt))
         # Bytes count every send (a retry moves them again); frames count once.
         metrics.PAYLOAD_BYTES.labels("edge_to_cloud").inc(len(codes))
@@ -187,26 +208,27 @@ class EdgeWorker:
                 continue
             metrics.CLOUD_REQUESTS.labels("ok").inc()
             self.counts["cloud_ok"] += 1
-            self._publish(call.frames, classes, conf, "cloud")
+            self._publish(call.frames, call.msgs, classes, conf, "cloud")
 
     def _fallback(self, call: PendingCall, outcome: str) -> None:
         """The cloud did not answer: retry once on the next actor, else answer with the edge's prediction."""
         self.counts[f"cloud_{outcome}"] += 1
         if call.attempt == 1 and len(self._clouds) > 1:
             try:
-                self._submit(call.frames, call.codes, call.edge_classes, call.edge_conf, attempt=2,
+                self._submit(call.frames, call.msgs, call.codes, call.edge_classes, call.edge_conf, attempt=2,
                              after=call.cloud)
                 return
             except Exception as err:  # noqa: BLE001 - any failure to resend means: answer here
                 logger.warning("cloud retry failed: %s", err)
-        self._answer_degraded(call.frames, call.edge_classes, call.edge_conf)
+        self._answer_degraded(call.frames, call.msgs, call.edge_classes, call.edge_conf)
 
-    def _answer_degraded(self, frames: list[Frame], classes: np.ndarray, conf: np.ndarray) -> None:
+    def _answer_degraded(self, frames: list[Frame], msgs: list[Received], classes: np.ndarray,
+                         conf: np.ndarray) -> None:
         """Publish the edge's own answers, marked degraded; classify first where the edge has not (cloud-only)."""
         if (classes < 0).any():
             images = np.stack([frame_pixels(f, self.processor.frame_shape) for f in frames])
             classes, conf = self.processor.classify(images)
-        self._publish(frames, classes, conf, "edge", degraded=True)
+        self._publish(frames, msgs, classes, conf, "edge", degraded=True)
 
     # ------------------------------------------------------------ processing
 
@@ -230,6 +252,15 @@ class EdgeWorker:
                 logger.exception("edge worker %d: batch failed", self.index)
                 self.counts["batch_errors"] += 1
                 metrics.DROPS.labels("batch_error").inc(len(batch))
+                self._ack_abandoned(batch)
+
+    def _ack_abandoned(self, batch: list[Received]) -> None:
+        """Ack a failed batch's frames that no cloud call still holds: a frame that fails once would
+        fail again, and an unacked one would hold a slot of the broker's in-flight window forever."""
+        held = {id(m) for call in self.pending for m in call.msgs}
+        for msg in batch:
+            if id(msg) not in held:
+                self.sub.ack(msg)
 
     def _report_queue_drops(self) -> None:
         """Move the ingest queue's drop counts (kept by the paho callback) into the metric."""
@@ -247,7 +278,7 @@ class EdgeWorker:
         metrics.BATCH_SIZE.observe(len(batch))
         self.counts["received"] += len(batch)
         self.counts["bytes_device_to_edge"] += nbytes
-        frames, images = [], []
+        frames, msgs, images = [], [], []
         t_decode = time.perf_counter()
         for msg in batch:
             try:
@@ -257,8 +288,10 @@ class EdgeWorker:
                 metrics.DECODE_ERRORS.labels(err.reason).inc()
                 self.counts[f"rejected.{err.reason}"] += 1
                 logger.debug("rejected frame on %s: %s", msg.topic, err)
+                self.sub.ack(msg)  # counted: a bad frame is never redelivered
                 continue
             frames.append(frame)
+            msgs.append(msg)
             self.counts["pixel_bytes"] += frame.pixels.nbytes
         if not frames:
             return
@@ -266,28 +299,32 @@ class EdgeWorker:
         d = self.processor.process(np.stack(images))
         local = np.flatnonzero(~d.to_cloud)
         if len(local):
-            self._publish([frames[i] for i in local], d.classes[local], d.confidences[local], "edge")
+            self._publish([frames[i] for i in local], [msgs[i] for i in local], d.classes[local],
+                          d.confidences[local], "edge")
         up = np.flatnonzero(d.to_cloud)
         if len(up):
-            up_frames = [frames[i] for i in up]
+            up_frames, up_msgs = [frames[i] for i in up], [msgs[i] for i in up]
             try:
                 if not self._clouds:
                     self._connect_clouds()
-                self._submit(up_frames, d.uplink.tobytes(), d.classes[up], d.confidences[up])
+                self._submit(up_frames, up_msgs, d.uplink.tobytes(), d.classes[up], d.confidences[up])
             except Exception as err:  # noqa: BLE001 - no reachable cloud: the edge answers, degraded
                 logger.warning("cannot reach the cloud: %s", err)
                 metrics.CLOUD_REQUESTS.labels("error").inc()
                 self.counts["cloud_error"] += 1
-                self._answer_degraded(up_frames, d.classes[up], d.confidences[up])
+                self._answer_degraded(up_frames, up_msgs, d.classes[up], d.confidences[up])
 
-    def _publish(self, frames: list[Frame], classes, conf, tier: str, degraded: bool = False) -> None:
+    def _publish(self, frames: list[Frame], msgs: list[Received], classes, conf, tier: str,
+                 degraded: bool = False) -> None:
+        """Publish one result per frame, then acknowledge the frame (after its result, on the same socket)."""
         now_ns = time.time_ns()
         flag = "true" if degraded else "false"
-        for frame, cls, c in zip(frames, classes, conf, strict=True):
+        for frame, msg, cls, c in zip(frames, msgs, classes, conf, strict=True):
             latency_ms = (now_ns - frame.capture_ns) / 1e6
             r = results.Result(frame.device_id, frame.seq, int(cls), float(c), tier, degraded, latency_ms, frame.label)
             payload = results.encode(r)
             self.sub.publish(topics.results(frame.device_id), payload)
+            self.sub.ack(msg)
             metrics.PAYLOAD_BYTES.labels("edge_to_device").inc(len(payload))
             metrics.E2E_LATENCY.labels(tier).observe(latency_ms / 1000.0)
             if frame.label is not None:
@@ -296,3 +333,12 @@ class EdgeWorker:
                 self.counts[f"{tier}.{outcome}"] += 1
         metrics.RESULTS.labels(tier, flag).inc(len(frames))
         self.counts[f"results.{tier}" + (".degraded" if degraded else "")] += len(frames)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process in bytes (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

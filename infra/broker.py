@@ -13,12 +13,15 @@ from pathlib import Path
 from infra.child_server import ChildServer, free_port, port_open
 from publishers.errors import BrokerError
 
-__all__ = ["DEV_CONF", "MosquittoBroker", "find_mosquitto", "free_port", "port_open"]
+__all__ = ["DEV_CONF", "PROD_CONF", "MosquittoBroker", "find_mosquitto", "free_port", "port_open"]
 
 logger = logging.getLogger(__name__)
 
 DEV_CONF = Path(__file__).with_name("mosquitto") / "dev.conf"
-_REWRITTEN = ("listener", "port", "persistence_location", "log_dest", "user")
+PROD_CONF = DEV_CONF.with_name("prod.conf")
+# Lines the launcher owns; the TLS and auth file lines only come from `secure_dir`.
+_REWRITTEN = ("listener", "port", "persistence_location", "log_dest", "user",
+              "cafile", "certfile", "keyfile", "tls_version", "password_file", "acl_file")
 
 
 def find_mosquitto() -> str:
@@ -40,6 +43,11 @@ class MosquittoBroker(ChildServer):
 
         with MosquittoBroker() as broker:
             ... broker.host, broker.port ...
+
+    secure_dir: start from prod.conf (no anonymous clients, ACL, TLS) with the
+    passwd/acl/ca.pem/server.pem/server.key in that directory (`python -m
+    infra.security init DIR`); the TLS listener is tls_host:tls_port (default:
+    host and a free port), the plain listener host:port.
     """
 
     def __init__(
@@ -49,10 +57,20 @@ class MosquittoBroker(ChildServer):
         workdir: str | Path | None = None,
         base_conf: Path = DEV_CONF,
         extra_conf: tuple[str, ...] = (),
+        secure_dir: str | Path | None = None,
+        tls_port: int | None = None,
+        tls_host: str | None = None,
     ) -> None:
         super().__init__(port, host, workdir, prefix="edgeq-mosquitto-")
         self.base_conf = Path(base_conf)
         self.extra_conf = extra_conf
+        self.tls_port: int | None = None
+        if secure_dir is not None:
+            from infra.security import broker_lines
+
+            self.base_conf = PROD_CONF
+            self.tls_port = tls_port or free_port(tls_host or host)
+            self.extra_conf = (*broker_lines(Path(secure_dir).resolve(), self.tls_port, tls_host or host), *extra_conf)
 
     @property
     def log_path(self) -> Path:

@@ -57,6 +57,10 @@ def _publish_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-policy", choices=("block", "drop-oldest", "drop-newest"), help="when the buffer is full")
     g.add_argument("--device-prefix", help="device ids are PREFIX0, PREFIX1, ... (default dev)")
     g.add_argument("--seed", type=int, help="noise RNG seed (default 0)")
+    g.add_argument("--shuffle", action="store_true", default=None,
+                   help="replay the mnist split in a random order seeded by --seed")
+    g.add_argument("--topic", choices=("frames", "train", "eval"),
+                   help="frames to answer (default), or labelled frames for the cloud to learn from / score on")
 
 
 def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = True) -> None:
@@ -139,8 +143,14 @@ def cmd_broker(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
 
     from infra.broker import MosquittoBroker
 
-    with MosquittoBroker(port=args.port, host=args.host) as broker:
-        progress(f"[broker] mosquitto listening on {broker.address}; config and log in {broker.workdir}; Ctrl-C stops")
+    secure = getattr(args, "secure", None)
+    # --secure: TLS on --host, the plain listener on loopback only (infra/mosquitto/prod.conf says why).
+    host = "127.0.0.1" if secure else args.host
+    with MosquittoBroker(port=args.port, host=host, secure_dir=secure, tls_port=args.tls_port,
+                         tls_host=args.host) as broker:
+        tls = f", TLS on {broker.host}:{broker.tls_port} (accounts and ACL from {secure})" if secure else ""
+        progress(f"[broker] mosquitto listening on {broker.address}{tls}; config and log in {broker.workdir}; "
+                 "Ctrl-C stops")
         while broker.running:
             time.sleep(0.5)
     return 1
@@ -192,6 +202,12 @@ def cmd_compress(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
     from edge_workers.qcnn.cli import run_compress
 
     return run_compress(args, progress=progress)
+
+
+def cmd_experiment(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
+    from infra.experiment_cli import run
+
+    return run(args, progress=progress)
 
 
 def cmd_bench(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
@@ -246,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker", help="run a development Mosquitto broker in the foreground")
     _mqtt_options(p)
     p.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; with --secure, of the "
+                                                        "TLS listener)")
+    p.add_argument("--secure", metavar="DIR",
+                   help="production config (infra/mosquitto/prod.conf): no anonymous clients, the passwd, acl and "
+                        "TLS files in DIR (make them with `python -m infra.security init DIR`); docs/security.md")
+    p.add_argument("--tls-port", type=int, default=8883, help="TLS listener port with --secure (default 8883)")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("train", help="train the reference edge and cloud CNNs and export ONNX (needs edgeq[train])")
@@ -273,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parsers(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("experiment", help="run an experiment through the real pipeline; results go to docs/results/ "
+                                          "(needs edgeq[server,bench])")
+    from infra.experiment_cli import add_arguments as add_experiment_arguments
+
+    add_experiment_arguments(p)
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 

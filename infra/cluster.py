@@ -28,6 +28,10 @@ from publishers.mqtt import MqttConfig
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180.0  # model loading and numba compilation on a slow node
+# A worker process that dies (OOM, a crash, `ray.kill(h, no_restart=False)`) is restarted by Ray with the
+# same constructor arguments: an edge actor resumes its persistent MQTT session (its unacknowledged frames
+# come back), a cloud actor reloads its models under the same handle. Bounded, so a crash loop ends.
+MAX_RESTARTS = 10
 
 
 def connect(ray_cfg: RayConfig, edge_actors: int = 0, cloud_actors: int = 0) -> bool:
@@ -137,7 +141,7 @@ def start_cloud(cfg: CloudConfig, ray_cfg: RayConfig) -> Tier:
     actor = ray.remote(CloudWorker)
     handles = [
         actor.options(name=n, namespace=ray_cfg.namespace, resources={"cloud": 1}, num_cpus=0,
-                      runtime_env=thread_env(cfg.threads)).remote(cfg, i)
+                      max_restarts=MAX_RESTARTS, runtime_env=thread_env(cfg.threads)).remote(cfg, i)
         for i, n in enumerate(names)
     ]
     tier = Tier(names, handles)
@@ -160,7 +164,7 @@ def start_edge(cfg: EdgeConfig, mqtt_cfg: MqttConfig, ray_cfg: RayConfig, cloud_
     actor = ray.remote(EdgeWorker)
     handles = [
         actor.options(name=n, namespace=ray_cfg.namespace, resources={"edge": 1}, num_cpus=0,
-                      runtime_env=thread_env(cfg.threads))
+                      max_restarts=MAX_RESTARTS, runtime_env=thread_env(cfg.threads))
         .remote(cfg, mqtt_cfg, i, tuple(cloud_names), ray_cfg.namespace)
         for i, n in enumerate(names)
     ]

@@ -8,6 +8,7 @@ edgeq/v1/results/+.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,8 +77,11 @@ class ResultCollector:
     """Subscribes to every device's results and counts them in a background thread."""
 
     def __init__(self, mqtt_cfg: MqttConfig, client_id: str = "edgeq-results-collector"):
+        """A persistent session, so results published while the broker restarts reach it; the id gets
+        this process's pid and a timestamp, so it never resumes an earlier run's session."""
         self.stats = ResultStats()
-        self.sub = Subscriber(mqtt_cfg, client_id, topics.RESULTS_FILTER, max_queue=1_000_000)
+        unique_id = f"{client_id}-{os.getpid()}-{time.time_ns() % 10**9}"
+        self.sub = Subscriber(mqtt_cfg, unique_id, topics.RESULTS_FILTER, max_queue=1_000_000, persistent=True)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="results", daemon=True)
@@ -109,6 +113,7 @@ class ResultCollector:
         return True
 
     def stop(self) -> ResultStats:
+        self.sub.unsubscribe(timeout=2.0)  # the broker keeps the session, but queues nothing more for it
         self._stop.set()
         self._thread.join(timeout=10)
         self.sub.stop()

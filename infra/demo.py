@@ -36,7 +36,8 @@ class DemoResult:
 
     @property
     def sent(self) -> int:
-        return self.report.total("acked")
+        """Distinct frames the broker confirmed (a device's re-sends, publish.resend_after_s, count once)."""
+        return self.report.total("acked") - self.report.total("resent")
 
     @property
     def lost(self) -> int:
@@ -90,7 +91,7 @@ def run_pipeline(cfg, use_broker: bool, progress: Progress) -> DemoResult:
             progress(f"[demo] {time.monotonic() - t_pub:5.1f}s sent {sum(d.stats.acked for d in devices)} "
                      f"answered {collector.answered()} (edge {s.tiers['edge']}, cloud {s.tiers['cloud']})")
         report = reports[0]
-        if not collector.wait_for(report.total("acked"), cfg.demo.answer_timeout_s):
+        if not collector.wait_for(report.total("acked") - report.total("resent"), cfg.demo.answer_timeout_s):
             progress(f"[demo] gave up waiting for answers after {cfg.demo.answer_timeout_s:.0f}s")
         seconds = time.monotonic() - t_pub
         edge_stats = _sum(cluster.stop_tier(edge, "stop"))
@@ -114,7 +115,8 @@ def summary(r: DemoResult) -> str:
     lines = [
         "edgeq demo summary",
         f"  broker                 {r.broker}",
-        f"  frames sent            {r.sent} (confirmed by the broker), drops at devices: {r.report.dropped or 'none'}",
+        f"  frames sent            {r.sent} (confirmed by the broker), drops at devices: {r.report.dropped or 'none'}"
+        + (f", re-sent without a result {r.report.total('resent')}" if r.report.total("resent") else ""),
         f"  frames answered        {len(a.unique)} unique, {a.duplicates} duplicates, lost {r.lost}",
         f"  throughput             {len(a.unique) / max(r.seconds, 1e-9):.1f} frames/s over {r.seconds:.1f}s",
         f"  latency capture->result p50 {a.latency_percentile(50):.1f} ms, p99 {a.latency_percentile(99):.1f} ms",

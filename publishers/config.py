@@ -9,6 +9,7 @@ from publishers.noise import NOISE_KINDS
 
 SOURCES = ("mnist", "directory", "camera")
 DROP_POLICIES = ("block", "drop-oldest", "drop-newest")
+TOPIC_KINDS = ("frames", "train", "eval")  # = publishers.topics.FRAME_KINDS
 
 
 @dataclass
@@ -22,9 +23,15 @@ class PublishConfig:
     source: `mnist` (replay a dataset split), `directory` (.npy/.pgm/.png/.jpg files)
         or `camera` (Raspberry Pi camera, needs the `pi` extra).
     noise/noise_level: simulated sensor noise (publishers.noise).
+    topic: `frames` (to be answered), `train` (labelled frames for the cloud to learn
+        from) or `eval` (labelled held-out frames it scores its models on).
     queue_size: frames a device buffers while the broker is slow or away.
     drop_policy: what a full buffer does: `block` pauses the source (no loss),
         `drop-oldest` or `drop-newest` discard and count.
+    resend_after_s: end-to-end at-least-once (docs/reliability.md): > 0 makes each
+        device subscribe to its results and publish a frame again (same seq) when no
+        result came within this many seconds; at most `queue_size` frames wait for a
+        result. 0 (default) = fire and forget once the broker confirmed the frame.
     """
 
     devices: int = 4
@@ -40,9 +47,12 @@ class PublishConfig:
     noise_level: float = 0.2
     queue_size: int = 1000
     drop_policy: str = "block"
+    resend_after_s: float = 0.0
     device_prefix: str = "dev"
     seed: int = 0
     progress_s: float = 1.0
+    topic: str = "frames"
+    shuffle: bool = False  # mnist: replay in a random order seeded by `seed` (the bundled train split is sorted by class)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -55,10 +65,14 @@ class PublishConfig:
             raise ConfigError(f"publish.noise must be one of {NOISE_KINDS}, got {self.noise!r}")
         if not 0 <= self.noise_level <= 1:
             raise ConfigError(f"publish.noise_level must be in [0, 1], got {self.noise_level}")
+        if self.resend_after_s < 0:
+            raise ConfigError(f"publish.resend_after_s must be >= 0, got {self.resend_after_s}")
         if self.queue_size < 1:
             raise ConfigError(f"publish.queue_size must be >= 1, got {self.queue_size}")
         if self.drop_policy not in DROP_POLICIES:
             raise ConfigError(f"publish.drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        if self.topic not in TOPIC_KINDS:
+            raise ConfigError(f"publish.topic must be one of {TOPIC_KINDS}, got {self.topic!r}")
         self.shape()  # validates frame_shape
 
     def shape(self) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
@@ -31,6 +32,8 @@ class DeviceStats:
     sent: int = 0
     acked: int = 0
     bytes_sent: int = 0
+    resent: int = 0
+    answered: int = 0
     connects: int = 0
     disconnects: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: collections.Counter())
@@ -47,6 +50,13 @@ class Device:
     than `max_inflight` frames await their PUBACK; paho keeps those in-flight
     frames across reconnects and resends them, so QoS 1 loses nothing while
     the broker is away. A full outbox applies the configured drop policy.
+
+    With `cfg.resend_after_s > 0` the device also holds every sent frame until
+    its result arrives (it subscribes to its results topic) and publishes it
+    again, same seq, when none came in time: end-to-end at-least-once, which
+    also covers frames a broker loses (Mosquitto 2.0.11 forgets shared
+    subscriptions on restart, docs/reliability.md). Sent-but-unanswered plus
+    queued frames stay within `queue_size` (policy `block`).
     """
 
     def __init__(
@@ -58,7 +68,7 @@ class Device:
         rng: np.random.Generator,
     ) -> None:
         self.device_id = device_id
-        self.topic = topics.frames(device_id)
+        self.topic = topics.frames_of_kind(cfg.topic, device_id)
         self.source = source
         self.mqtt_cfg = mqtt_cfg
         self.cfg = cfg
@@ -66,7 +76,12 @@ class Device:
         self.rng = rng
         self.stats = DeviceStats(device_id)
         self.component = f"device.{device_id}"
-        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox: collections.deque[tuple[int, bytes]] = collections.deque()  # (seq, wire frame)
+        self.resend_after_s = cfg.resend_after_s if getattr(cfg, "topic", "frames") == "frames" else 0.0
+        # seq -> (wire frame, when last published), oldest first; and seqs answered (appended by paho's thread)
+        self._unanswered: collections.OrderedDict[int, tuple[bytes, float]] = collections.OrderedDict()
+        self._answers: collections.deque[int] = collections.deque()
+        self.bad_results = 0
         self._wake = threading.Event()
         self._connected = False
         self.refused: str | None = None  # the broker's last CONNACK failure, if any
@@ -77,6 +92,7 @@ class Device:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_result
 
     @property
     def connected(self) -> bool:
@@ -90,6 +106,8 @@ class Device:
             self.refused = str(reason_code)
             return
         self.refused = None
+        if self.resend_after_s:
+            client.subscribe(topics.results(self.device_id), qos=1)  # non-blocking, on every (re)connect
         self._connected = True
         self.stats.connects += 1
         self._wake.set()
@@ -100,6 +118,14 @@ class Device:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
         self._acks += 1
+        self._wake.set()
+
+    def _on_result(self, client, userdata, message) -> None:  # noqa: ANN001
+        try:
+            self._answers.append(int(json.loads(message.payload)["seq"]))
+        except (ValueError, KeyError, TypeError):
+            self.bad_results += 1
+            return
         self._wake.set()
 
     def run(self, stop: threading.Event) -> DeviceStats:
@@ -136,7 +162,7 @@ class Device:
                 self._wake.clear()
 
     def _room_for_one(self) -> bool:
-        return len(self._outbox) < self.cfg.queue_size or self.cfg.drop_policy != "block"
+        return len(self._outbox) + len(self._unanswered) < self.cfg.queue_size or self.cfg.drop_policy != "block"
 
     def _enqueue(self, pixels: np.ndarray, label: int | None) -> None:
         flags = 0
@@ -150,15 +176,19 @@ class Device:
             if self.cfg.drop_policy == "drop-newest":
                 return
             self._outbox.popleft()  # drop-oldest
-        self._outbox.append(wire.encode(frame))
+        self._outbox.append((frame.seq, wire.encode(frame)))
+        if len(self._unanswered) > self.cfg.queue_size:  # drop policies only: give up the oldest wait
+            self._unanswered.popitem(last=False)
+            self.stats.dropped["unanswered_full"] += 1
 
     def _pump(self) -> None:
         """Hand frames to paho while connected and under the in-flight window."""
+        self._settle()
         if self._connected and self._announced < self.stats.connects:
             self._announced = self.stats.connects
             self._publish_status(topics.ONLINE)
         while self._outbox and self._connected and self._in_flight() < self.mqtt_cfg.max_inflight:
-            payload = self._outbox.popleft()
+            seq, payload = self._outbox.popleft()
             info = self._client.publish(self.topic, payload, qos=self.mqtt_cfg.qos)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self.stats.dropped[f"paho_{mqtt.error_string(info.rc)}"] += 1
@@ -168,6 +198,26 @@ class Device:
                 continue
             self.stats.sent += 1
             self.stats.bytes_sent += len(payload)
+            if self.resend_after_s:
+                self._unanswered[seq] = (payload, time.monotonic())
+                self._unanswered.move_to_end(seq)
+
+    def _settle(self) -> None:
+        """Forget answered frames; put frames unanswered for `resend_after_s` back at the head of the outbox."""
+        while self._answers:
+            if self._unanswered.pop(self._answers.popleft(), None) is not None:
+                self.stats.answered += 1
+        if not self.resend_after_s:
+            return
+        now, due = time.monotonic(), []
+        for seq, (payload, sent_at) in self._unanswered.items():
+            if now - sent_at < self.resend_after_s:
+                break
+            due.append((seq, payload))
+        for seq, payload in reversed(due):
+            del self._unanswered[seq]
+            self._outbox.appendleft((seq, payload))
+        self.stats.resent += len(due)
 
     def _publish_status(self, state: bytes) -> mqtt.MQTTMessageInfo:
         self._control_sent += 1
@@ -181,7 +231,7 @@ class Device:
 
     def _drain(self, stop: threading.Event) -> None:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while (self._outbox or self._in_flight() > 0) and time.monotonic() < deadline:
+        while (self._outbox or self._in_flight() > 0 or self._unanswered) and time.monotonic() < deadline:
             if stop.is_set() and not self._connected:
                 break
             self._pump()
@@ -191,6 +241,9 @@ class Device:
         if lost:
             logger.warning("%s: %d frames not confirmed by the broker at shutdown", self.device_id, lost)
             self.stats.dropped["unconfirmed_at_exit"] += lost
+        if self._unanswered:
+            logger.warning("%s: %d frames without a result at shutdown", self.device_id, len(self._unanswered))
+            self.stats.dropped["unanswered_at_exit"] += len(self._unanswered)
 
     def _shutdown(self) -> None:
         if self._connected:

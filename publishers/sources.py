@@ -181,7 +181,11 @@ def load_replay_data(cfg: PublishConfig) -> LabelledImages | None:
     """The dataset split `mnist` sources replay, loaded once for all devices; None for other sources."""
     if cfg.source != "mnist":
         return None
-    return load_mnist(cfg.data_dir or default_data_dir(), cfg.split)
+    data = load_mnist(cfg.data_dir or default_data_dir(), cfg.split)
+    if cfg.shuffle:  # one seeded order for all devices: the first N frames sent are a random sample of the split
+        order = np.random.default_rng(cfg.seed).permutation(len(data))
+        data = LabelledImages(data.images[order], data.labels[order], f"{data.source}, shuffled")
+    return data
 
 
 def make_source(cfg: PublishConfig, device_index: int, data: LabelledImages | None = None) -> FrameSource:

@@ -1,6 +1,8 @@
 """MQTT topic names: the one place that spells them.
 
     edgeq/v1/frames/<device_id>     frames, device -> edge (wire format)
+    edgeq/v1/train/<device_id>      labelled frames to learn from, device -> edge -> cloud (docs/edge-learning.md)
+    edgeq/v1/eval/<device_id>       labelled held-out frames the cloud scores its learned models on
     edgeq/v1/results/<device_id>    results, edge/cloud -> device
     edgeq/v1/status/<component>     "online"/"offline", retained, set by Last Will
 """
@@ -17,6 +19,9 @@ PREFIX = "edgeq/v1"
 FRAMES_FILTER = f"{PREFIX}/frames/+"
 RESULTS_FILTER = f"{PREFIX}/results/+"
 STATUS_FILTER = f"{PREFIX}/status/+"
+TRAIN_FILTER = f"{PREFIX}/train/+"
+EVAL_FILTER = f"{PREFIX}/eval/+"
+FRAME_KINDS = ("frames", "train", "eval")  # topics that carry wire-format frames from devices
 EDGE_SHARE_GROUP = "edgeq-edge"
 
 ONLINE = b"online"
@@ -32,6 +37,13 @@ def _checked(name: str, what: str, pattern: re.Pattern[str] = DEVICE_ID_RE) -> s
 def frames(device_id: str) -> str:
     """Topic a device publishes its frames to."""
     return f"{PREFIX}/frames/{_checked(device_id, 'device id')}"
+
+
+def frames_of_kind(kind: str, device_id: str) -> str:
+    """Topic a device publishes wire frames of `kind` (frames | train | eval) to."""
+    if kind not in FRAME_KINDS:
+        raise ValueError(f"frame topic kind must be one of {FRAME_KINDS}, got {kind!r}")
+    return f"{PREFIX}/{kind}/{_checked(device_id, 'device id')}"
 
 
 def results(device_id: str) -> str:

@@ -22,6 +22,7 @@ Python implementation. All integers are little-endian.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ def decode(data: bytes | bytearray | memoryview, limits: DecodeLimits = DecodeLi
     if not DEVICE_ID_RE.fullmatch(device_id):
         raise FrameDecodeError("bad_device_id", f"device id {device_bytes!r} must match {DEVICE_ID_RE.pattern}")
     _check_shape(shape, limits)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no int64 wrap-around whatever the limits
     if payload_len != expected:
         raise FrameDecodeError(
             "payload_size", f"header says {payload_len} payload bytes, shape {shape} of {dtype} needs {expected}"
@@ -192,6 +193,6 @@ def _check_shape(shape: tuple[int, ...], limits: DecodeLimits) -> None:
         raise FrameDecodeError("shape_limit", f"shape {shape} has a zero dimension")
     if max(shape) > limits.max_dim:
         raise FrameDecodeError("shape_limit", f"shape {shape} has a dimension over the limit {limits.max_dim}")
-    elements = int(np.prod(shape, dtype=np.int64))
+    elements = math.prod(shape)
     if elements > limits.max_elements:
         raise FrameDecodeError("shape_limit", f"shape {shape} has {elements} elements, limit {limits.max_elements}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from edge_workers.ingest import Subscriber
+from infra import security
 from infra.broker import MosquittoBroker
 from publishers.config import PublishConfig
 from publishers.mqtt import MqttConfig
@@ -60,16 +61,10 @@ def test_wrong_password_is_refused_and_reported(secured: MosquittoBroker) -> Non
 
 
 def _make_ca_and_server_cert(d: Path) -> None:
-    """A throwaway CA and a server certificate for 127.0.0.1 (EC P-256, valid one day)."""
-    openssl = _tool("openssl")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run = lambda *args: subprocess.run([openssl, *args], check=True, timeout=30, capture_output=True)  # noqa: E731
-    run("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "1",
-        "-subj", "/CN=edgeq-test-ca")
-    run("req", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"), "-subj", "/CN=127.0.0.1")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-        "-CAcreateserial", "-out", str(d / "server.pem"), "-days", "1", "-extfile", str(d / "san.ext"))
+    """A throwaway CA and a server certificate for 127.0.0.1 (EC P-256, valid one day): infra/security.py."""
+    _tool("openssl")
+    security.make_ca(d, days=1)
+    security.make_cert(d, "server", ["127.0.0.1"], days=1)
     for name in ("ca.pem", "server.pem", "server.key"):
         (d / name).chmod(0o644)  # readable by Mosquitto after it drops root
 

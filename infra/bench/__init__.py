@@ -16,6 +16,8 @@ from typing import Callable
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "qcnn": ("infra.bench.qcnn", "Q-CNN vs float and int8 onnxruntime: size, accuracy, latency, K/dsub sweep"),
+    "pipeline": ("infra.bench.pipeline", "edgeq vs cloud-only vs the MQTT ceiling: frames/s, latency, CPU, bytes"),
+    "chaos": ("infra.bench.chaos", "a fixed stream through broker restarts and actor kills: sent, answered, lost"),
 }
 
 

@@ -1,0 +1,343 @@
+"""`edgeq bench pipeline`: edgeq, cloud-only and the MQTT ceiling, measured side by side in one run.
+
+Three modes share one Mosquitto and one pool of publisher processes:
+
+- ``edgeq``: edge actors with the confidence policy (Q-CNN when its runtime
+  is installed), uncertain frames up to cloud actors;
+- ``cloud-only``: edge actors forward every raw frame (codec ``raw``) to the
+  cloud model, the design edge inference improves on;
+- ``ceiling``: the same number of plain paho subscribers in the same shared
+  subscription, only recording arrivals: the most an MQTT-fed pipeline can do
+  on this machine.
+
+Each mode first searches its saturation rate (probes at doubling offered
+rates until answers stop keeping up, then a geometric bisection; see
+:func:`find_saturation`), then runs phases at fixed fractions of *edgeq's*
+sustained rate for latency. edgeq runs first, so its rate sets the loads of
+the others; Ray is shut down before the ceiling runs. One phase is
+:mod:`infra.bench.pipeline_phases`; tables and the latency plot come from
+:mod:`infra.bench.pipeline_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from infra.bench.pipeline_phases import Phase, run_ceiling_phase, run_tier_phase
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+MODES = ("ceiling", "edgeq", "cloud-only")
+SATURATION = "saturation"
+
+
+@dataclass
+class PipelineBenchConfig:
+    """Settings of one `edgeq bench pipeline` run (defaults: the full run, ~6 min on a busy 2-core host)."""
+
+    duration_s: float = 15.0      # each latency phase
+    probe_s: float = 6.0          # each probe of the saturation search
+    start_rate: float = 200.0     # frames/s of the first probe; doubled until a probe is not sustained ...
+    bisect: int = 2               # ... then this many geometric bisection probes
+    max_probes: int = 12          # bounds the doubling / halving part of the search
+    sustain: float = 0.95         # a probe is sustained if answers arrive at >= this fraction of the offered rate
+    max_p99_ms: float = 1000.0    # ... and its p99 is below this (no queue building up)
+    warmup_s: float = 2.0         # the first seconds of every phase are left out of its statistics
+    loads: tuple[float, ...] = (0.25, 0.5, 0.9)  # fractions of edgeq's saturation rate
+    devices: int = 8
+    publishers: int = 2           # publisher processes sharing the devices
+    edge_actors: int = 2          # edge actors, and the ceiling's subscribers
+    cloud_actors: int = 1
+    batch_max: int = 64
+    batch_wait_ms: float = 0.0
+    qos: int = 1
+    noise: str = "none"
+    data_dir: str = "data/mnist"
+    out_dir: str = "docs/results"  # "" = print only
+    drain_timeout_s: float = 60.0  # after a phase, wait at most this long for the last answers
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= self.warmup_s or self.probe_s <= self.warmup_s:
+            raise ValueError(f"phases must be longer than the warmup ({self.warmup_s}s), got "
+                             f"duration {self.duration_s}s, probe {self.probe_s}s")
+        if not 0 < self.sustain <= 1:
+            raise ValueError(f"sustain must be in (0, 1], got {self.sustain}")
+        if self.start_rate <= 0 or self.bisect < 0 or self.max_probes < 1:
+            raise ValueError(f"start_rate > 0, bisect >= 0 and max_probes >= 1 required, got {self.start_rate}, "
+                             f"{self.bisect}, {self.max_probes}")
+        if not self.loads or not all(0 < f <= 1.5 for f in self.loads):
+            raise ValueError(f"loads must be fractions in (0, 1.5], got {self.loads}")
+        if not 1 <= self.publishers <= self.devices:
+            raise ValueError(f"need 1 <= publishers <= devices, got {self.publishers} and {self.devices}")
+        if self.qos not in (0, 1):
+            raise ValueError(f"qos must be 0 or 1, got {self.qos}")
+
+
+@dataclass
+class ModeResult:
+    """One mode: the saturation search's probes, then the latency phases at fixed loads."""
+
+    mode: str
+    detail: str
+    probes: list[Phase] = field(default_factory=list)
+    phases: list[Phase] = field(default_factory=list)
+    best: Phase | None = None  # the highest sustained probe
+    publisher_limited: bool = False  # the search stopped because the devices could not offer more
+
+    @property
+    def saturation(self) -> float:
+        """Sustained frames/s: throughput of the highest sustained probe (0 if none was)."""
+        return self.best.throughput if self.best else 0.0
+
+    def phase(self, name: str) -> Phase | None:
+        return next((p for p in self.phases if p.name == name), None)
+
+    def total(self, attr: str) -> int:
+        """Summed over every phase and probe."""
+        return sum(getattr(p, attr) for p in self.probes + self.phases)
+
+    @property
+    def peak_rss(self) -> int:
+        return max((p.peak_rss for p in self.probes + self.phases), default=0)
+
+    @property
+    def accuracy(self) -> float | None:
+        n = self.total("labelled")
+        return self.total("correct") / n if n else None
+
+
+def load_name(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
+def edge_runtime() -> tuple[str, str]:
+    """(runtime, model file): the Q-CNN when its runtime imports, else the float ONNX edge CNN."""
+    try:
+        import edge_workers.qcnn.runtime  # noqa: F401 - registers `qcnn`; needs numba and onnxruntime-extensions
+    except ImportError as err:
+        logger.warning("Q-CNN runtime unavailable (%s): the edge runs the float model", err)
+        return "onnx", "edge_cnn.onnx"
+    return "qcnn", "edge_cnn.qcnn.onnx"
+
+
+# ------------------------------------------------------------------ modes
+
+def _report(mode: str, p: Phase, progress: Progress) -> None:
+    progress(f"[bench] {mode:10s} {p.name:12s} offered {p.offered:7.0f}/s captured {p.captured_rate:7.1f}/s "
+             f"answered {p.answered}/{p.sent} rate {p.rate:7.1f}/s p50 {p.pct(50):7.1f} ms "
+             f"p99 {p.pct(99):7.1f} ms dropped {p.dropped}")
+
+
+def find_saturation(mode: str, result: ModeResult, cfg: PipelineBenchConfig,
+                    run_one: Callable[[str, float, float], Phase], progress: Progress) -> None:
+    """Highest sustained offered rate: double from `start_rate` until a probe fails (halve if the first
+    fails), then `bisect` geometric steps between the best sustained and the lowest failed rate."""
+    good: Phase | None = None
+    bad: float | None = None
+    rate = cfg.start_rate
+
+    def probe(r: float) -> Phase:
+        p = run_one(f"probe {r:.0f}/s", r, cfg.probe_s)
+        result.probes.append(p)
+        _report(mode, p, progress)
+        return p
+
+    while len(result.probes) < cfg.max_probes:
+        p = probe(rate)
+        if p.sustained(cfg.sustain, cfg.max_p99_ms):
+            previous, good = good, p if good is None or p.throughput > good.throughput else good
+            if bad is not None:
+                break
+            if p.publisher_limited(cfg.sustain) and previous is not None \
+                    and p.captured_rate < 1.05 * previous.captured_rate:
+                # The devices generated no more frames when asked for twice as many: on a shared host the
+                # publishers (and the broker) have the CPU; what the pipeline can take is not the limit.
+                result.publisher_limited = True
+                progress(f"[bench] {mode}: the devices generated only {p.captured_rate:.0f} of {rate:.0f} "
+                         "frames/s offered, no more than at half that rate: stopping the search")
+                break
+            rate *= 2
+        else:
+            bad = rate
+            if good is not None:
+                break
+            rate /= 2
+    for _ in range(cfg.bisect):
+        if good is None or bad is None:
+            break
+        p = probe(float(np.sqrt(good.offered * bad)))
+        if p.sustained(cfg.sustain, cfg.max_p99_ms):
+            good = p
+        else:
+            bad = p.offered
+    result.best = good
+    progress(f"[bench] {mode}: sustained {result.saturation:.1f} frames/s")
+
+
+def _run_phases(mode: str, result: ModeResult, cfg: PipelineBenchConfig, rates: list[float] | None,
+                run_one: Callable[[str, float, float], Phase], progress: Progress) -> None:
+    """The saturation search, then one phase per load; `rates` None = loads of this mode's own saturation."""
+    find_saturation(mode, result, cfg, run_one, progress)
+    if rates is None:
+        rates = [f * result.saturation for f in cfg.loads]
+    for fraction, offered in zip(cfg.loads, rates):
+        if offered <= 0:
+            continue
+        p = run_one(load_name(fraction), offered, cfg.duration_s)
+        result.phases.append(p)
+        _report(mode, p, progress)
+
+
+def run_tiers(mode: str, cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progress: Progress) -> ModeResult:
+    """edgeq or cloud-only: cloud and edge actors in a namespace of their own, a results sink, the phases."""
+    from cloud_workers.config import CloudConfig, RayConfig
+    from edge_workers.config import EdgeConfig
+    from infra import cluster
+    from infra.bench.loadgen import Sink
+    from publishers import topics
+
+    runtime, model = edge_runtime()
+    policy, codec = ("confidence", "denoised") if mode == "edgeq" else ("cloud-only", "raw")
+    ray_cfg = RayConfig(namespace=f"edgeq-bench-{mode}")
+    edge_cfg = EdgeConfig(actors=cfg.edge_actors, policy=policy, codec=codec, runtime=runtime, model=model,
+                          batch_max=cfg.batch_max, batch_wait_ms=cfg.batch_wait_ms, metrics_port=0,
+                          group=f"edgeq-bench-{mode}")
+    result = ModeResult(mode, f"policy {policy}, codec {codec}, edge runtime {runtime}, {cfg.edge_actors} edge / "
+                              f"{cfg.cloud_actors} cloud actors, batch <= {cfg.batch_max}")
+    with contextlib.ExitStack() as stack:
+        cloud = cluster.start_cloud(CloudConfig(actors=cfg.cloud_actors, metrics_port=0), ray_cfg)
+        stack.callback(cluster.stop_tier, cloud)
+        edge = cluster.start_edge(edge_cfg, mqtt_cfg, ray_cfg, cloud.names)
+        stack.callback(cluster.stop_tier, edge, "stop")
+        sink = Sink(mqtt_cfg, topics.RESULTS_FILTER, f"edgeq-bench-results-{mode}", frames=False)
+        stack.callback(sink.close)
+        exclude = (os.getpid(), sink.pid, *pool.pids)
+        _run_phases(mode, result, cfg, rates, lambda name, offered, seconds: run_tier_phase(
+            name, offered, seconds, pool, sink, edge, exclude, cfg), progress)
+    return result
+
+
+def run_ceiling(cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progress: Progress) -> ModeResult:
+    """Plain paho subscribers in a shared subscription, one per edge actor, only recording arrivals."""
+    from infra.bench.loadgen import Sink
+    from publishers import topics
+
+    result = ModeResult("ceiling", f"{cfg.edge_actors} plain paho subscribers (own processes) in a shared "
+                                   "subscription, recording arrivals only")
+    sinks = []
+    try:
+        for i in range(cfg.edge_actors):
+            sinks.append(Sink(mqtt_cfg, topics.shared(topics.FRAMES_FILTER, "edgeq-bench-ceiling"),
+                              f"edgeq-bench-ceiling-{i}", frames=True))
+        exclude = (os.getpid(), *pool.pids)
+        _run_phases("ceiling", result, cfg, rates, lambda name, offered, seconds: run_ceiling_phase(
+            name, offered, seconds, pool, sinks, exclude, cfg), progress)
+    finally:
+        for s in sinks:
+            s.close()
+    return result
+
+
+def measure(cfg: PipelineBenchConfig, progress: Progress) -> dict[str, ModeResult]:
+    """Run edgeq, cloud-only and the ceiling against one broker and one publisher pool."""
+    from cloud_workers.config import RayConfig
+    from infra import cluster
+    from infra.bench.loadgen import PublisherPool
+    from infra.broker import MosquittoBroker
+    from publishers.config import PublishConfig
+    from publishers.mqtt import MqttConfig
+
+    import ray
+
+    out: dict[str, ModeResult] = {}
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(MosquittoBroker())
+        mqtt_cfg = MqttConfig(host=broker.host, port=broker.port, qos=cfg.qos)
+        pub_cfg = PublishConfig(devices=cfg.devices, data_dir=cfg.data_dir, noise=cfg.noise, seed=cfg.seed)
+        pool = PublisherPool(mqtt_cfg, pub_cfg, cfg.publishers)
+        stack.callback(pool.close)
+        progress(f"[bench] mosquitto on {broker.address}, {cfg.devices} devices in {cfg.publishers} "
+                 f"publisher processes, QoS {cfg.qos}")
+        started = cluster.connect(RayConfig(), 2 * cfg.edge_actors, 2 * cfg.cloud_actors)
+        try:
+            out["edgeq"] = run_tiers("edgeq", cfg, mqtt_cfg, pool, None, progress)
+            rates = [f * out["edgeq"].saturation for f in cfg.loads]
+            out["cloud-only"] = run_tiers("cloud-only", cfg, mqtt_cfg, pool, rates, progress)
+        finally:
+            if started:
+                ray.shutdown()
+        out["ceiling"] = run_ceiling(cfg, mqtt_cfg, pool, rates, progress)
+    return {m: out[m] for m in MODES}
+
+
+# ------------------------------------------------------------------ CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = PipelineBenchConfig()
+    p.add_argument("--duration", type=float, default=d.duration_s, metavar="S", help="seconds per latency phase")
+    p.add_argument("--probe", type=float, default=d.probe_s, metavar="S",
+                   help="seconds per probe of the saturation search")
+    p.add_argument("--start-rate", type=float, default=d.start_rate, metavar="FPS",
+                   help="first probe's frames/s (doubled until not sustained, then bisected)")
+    p.add_argument("--bisect", type=int, default=d.bisect, help="bisection probes after the doubling")
+    p.add_argument("--max-probes", type=int, default=d.max_probes, help="bound on the doubling probes")
+    p.add_argument("--max-p99-ms", type=float, default=d.max_p99_ms,
+                   help="a probe with a higher p99 is not sustained (a queue is building up)")
+    p.add_argument("--warmup", type=float, default=d.warmup_s, metavar="S",
+                   help="first seconds of each phase left out of rates and latencies")
+    p.add_argument("--loads", default=",".join(f"{f:g}" for f in d.loads),
+                   help="latency phases, as fractions of edgeq's saturation rate")
+    p.add_argument("--devices", type=int, default=d.devices)
+    p.add_argument("--publishers", type=int, default=d.publishers, help="publisher processes sharing the devices")
+    p.add_argument("--edge-actors", type=int, default=d.edge_actors, help="edge actors (and ceiling subscribers)")
+    p.add_argument("--cloud-actors", type=int, default=d.cloud_actors)
+    p.add_argument("--batch-max", type=int, default=d.batch_max)
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    p.add_argument("--qos", type=int, choices=(0, 1), default=d.qos)
+    p.add_argument("--noise", default=d.noise, help="device noise: none, gaussian, salt-pepper, ...")
+    p.add_argument("--data-dir", default=d.data_dir)
+    p.add_argument("--out-dir", default=d.out_dir, help='where pipeline.md and the plot go ("" = print only)')
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineBenchConfig:
+    return PipelineBenchConfig(
+        duration_s=args.duration, probe_s=args.probe, start_rate=args.start_rate, bisect=args.bisect,
+        max_probes=args.max_probes,
+        max_p99_ms=args.max_p99_ms, warmup_s=args.warmup,
+        loads=tuple(float(x) for x in args.loads.split(",") if x.strip()), devices=args.devices,
+        publishers=args.publishers, edge_actors=args.edge_actors, cloud_actors=args.cloud_actors,
+        batch_max=args.batch_max, batch_wait_ms=args.batch_wait_ms, qos=args.qos, noise=args.noise,
+        data_dir=args.data_dir, out_dir=args.out_dir,
+    )
+
+
+def run(args: argparse.Namespace, progress: Progress) -> str:
+    from infra.bench import pipeline_report
+
+    cfg = config_from_args(args)
+    t0, load0 = time.monotonic(), os.getloadavg()[0]
+    modes = measure(cfg, progress)
+    elapsed, load = time.monotonic() - t0, (load0, os.getloadavg()[0])
+    command = "edgeq bench pipeline " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 3 \
+        else "edgeq bench pipeline"
+    tables = pipeline_report.tables(modes, cfg)
+    text = "\n\n".join(t.text() for t in tables) + (f"\n\n(run took {elapsed:.0f}s; load average "
+                                                     f"{load[0]:.1f} at the start, {load[1]:.1f} at the end)")
+    if cfg.out_dir:
+        path = pipeline_report.write(Path(cfg.out_dir), modes, cfg, tables, command.strip(), elapsed, load)
+        text += f"\nwritten to {path}"
+    return text
