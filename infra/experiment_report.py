@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from infra.bench.report import Table, machine_info, write_markdown
@@ -185,8 +186,9 @@ def write_report(result: ExperimentResult, path: str | Path, command: str) -> Pa
         f"{cfg.seed}. Whole run: {result.seconds:.0f} s wall."
     )
     notes = claims(result) + [
-        ("Timings were measured on a 2-core machine shared with other jobs: wall times are noisy; the CPU-time "
-         "columns (thread CPU time of the fit thread / of the edge's denoise+encode) are less sensitive to load."),
+        (f"1-minute load average when this report was written: {os.getloadavg()[0]:.1f} on "
+         f"{os.cpu_count()} cores. Wall times are noisy when the machine is shared; the CPU-time columns (thread "
+         "CPU time of the fit thread / of the edge's denoise+encode) are less sensitive to load."),
         ("All pipelines of one noise setting ran side by side (each edge in its own shared-subscription group, so "
          "each received every frame); `data s` therefore includes contention between them."),
         ("served acc = the test split published on the frames topic and answered by the hot-swapped learned model "
