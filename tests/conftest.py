@@ -24,6 +24,20 @@ def broker() -> Iterator[MosquittoBroker]:
         yield b
 
 
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray for one test module (2 CPUs; `edge` and `cloud` resources for 4 actors each)."""
+    import ray
+
+    from cloud_workers.config import RayConfig
+    from infra import cluster
+
+    started = cluster.connect(RayConfig(num_cpus=2), edge_actors=4, cloud_actors=4)
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture
 def mqtt_cfg(broker: MosquittoBroker) -> MqttConfig:
     # Short reconnect backoff so broker-restart tests finish quickly.

@@ -33,15 +33,6 @@ from publishers.run import publish
 from tests.conftest import DATA_DIR, REPO
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = cluster.connect(RayConfig(num_cpus=2), edge_actors=4, cloud_actors=4)
-    yield
-    if started:
-        ray.shutdown()
-
 
 def frame_bytes(device_id: str) -> int:
     """Wire size of one labelled 28x28 uint8 frame from `device_id` (the header does not depend on the values)."""

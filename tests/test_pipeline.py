@@ -28,15 +28,6 @@ from publishers.run import publish
 from tests.conftest import DATA_DIR, REPO
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = cluster.connect(RayConfig(num_cpus=2), edge_actors=4, cloud_actors=4)
-    yield
-    if started:
-        ray.shutdown()
-
 
 def scrape(targets: list[str]) -> Counter:
     """Sum every sample over the metrics endpoints: {(name, sorted labels): value}."""

@@ -9,7 +9,6 @@ import dataclasses
 import time
 
 import paho.mqtt.client as mqtt
-import pytest
 
 from cloud_workers.config import CloudConfig, RayConfig
 from edge_workers.config import EdgeConfig
@@ -22,15 +21,6 @@ from publishers.config import PublishConfig
 from publishers.run import build_devices, run_devices
 from tests.conftest import DATA_DIR, collect
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = cluster.connect(RayConfig(num_cpus=2), edge_actors=4, cloud_actors=4)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def show(capsys, *lines: str) -> None:

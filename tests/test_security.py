@@ -185,15 +185,6 @@ def test_tls_listener_works_and_refuses_plain_mqtt(secure: Secure) -> None:
     assert connack(wrong_ca, timeout=3) == "no CONNACK"
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = cluster.connect(RayConfig(num_cpus=2), edge_actors=1, cloud_actors=1)
-    yield
-    if started:
-        ray.shutdown()
-
 
 def test_pipeline_over_tls_with_one_account_per_component(secure: Secure, local_ray, caplog) -> None:
     """Devices, an edge worker actor, a cloud worker and the collector, each with its own account, over TLS."""
