@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tier_options(p, edge=False)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("broker", help="run a development Mosquitto broker in the foreground")
+    p = sub.add_parser("broker", help="run Mosquitto in the foreground (development config, "
+                                      "or the production one with --secure DIR)")
     _mqtt_options(p)
     p.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; with --secure, of the "
