@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from infra.atomic import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -27,16 +27,7 @@ def write_manifest(models_dir: str | Path, models: dict[str, Any]) -> Path:
     """Replace the manifest with `models` (sorted by key), atomically: a reader never sees half a file."""
     path = Path(models_dir) / MANIFEST_NAME
     text = json.dumps({"format": MANIFEST_FORMAT, "models": dict(sorted(models.items()))}, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def update_manifest(models_dir: str | Path, entries: dict[str, Any]) -> Path:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -17,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from infra.atomic import write_text_atomic
 from infra.child_server import ChildServer, port_open
 from publishers.errors import EdgeqError
 
@@ -66,17 +65,7 @@ def write_targets_file(path: str | Path, targets: Iterable[str | tuple[str, int]
     so Prometheus never reads it half-written."""
     path = Path(path)
     groups = target_groups(targets, labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(groups, f, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(groups, indent=2))
 
 
 class PrometheusServer(ChildServer):
