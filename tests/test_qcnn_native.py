@@ -26,6 +26,7 @@ from edge_workers.qcnn.export import QcnnFormatError, export_standard, read_pq
 from edge_workers.qcnn.pq import fastscan4_bytes, pack_fastscan4, unpack_fastscan4
 from edge_workers.runtime import load_runtime
 from publishers.datasets import load_mnist
+from tests import test_qcnn_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "data" / "mnist"
@@ -119,13 +120,8 @@ def test_fc_16_bit_accumulators_are_flushed_before_they_overflow():
         np.testing.assert_allclose(y, ref, rtol=2e-3)  # observed ~1e-4
 
 
-CONV_CASES = [
-    # C_in, C_out, kernel, strides, pads, dilations, group, dsub, K, H, W
-    (6, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 3, 7, 7, 9),
-    (8, 6, (3, 2), (2, 1), (1, 0, 2, 1), (1, 2), 2, 2, 5, 9, 8),
-    (12, 9, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 3, 4, 3, 5, 5),
-    (4, 4, (5, 5), (3, 2), (2, 2, 2, 2), (1, 1), 4, 1, 3, 11, 10),  # depthwise, dsub 1
-    (5, 7, (2, 3), (1, 2), (0, 1, 1, 0), (2, 1), 1, 5, 16, 6, 7),
+# The kernel tests' layer cases (C_in, C_out, kernel, strides, pads, dilations, group, dsub, K, H, W), plus:
+CONV_CASES = test_qcnn_kernels.CONV_CASES + [
     (16, 70, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, 16, 12, 12),  # 3 blocks of 32 outputs
 ]
 

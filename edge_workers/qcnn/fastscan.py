@@ -172,13 +172,8 @@ class FastScanConv(kernels.PQConv):
 
     def apply(self, x) -> np.ndarray:
         """x: float32 [N, C_in, H, W] -> float32 [N, C_out, OH, OW]."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected x [N, {self.in_channels}, H, W], got {x.shape}")
+        x, OH, OW = self.check_input(x)
         N, C, H, W = x.shape
-        OH, OW = self.out_size(H, W)
-        if OH < 1 or OW < 1:
-            raise ValueError(f"input {H}x{W} too small for kernel {self.kernel} with pads {self.pads}: output {OH}x{OW}")
         y = np.empty((N, self.C_out, OH, OW), np.float32)
         geometry = (C, H, W, self.M, self.K, self.dsub, self.Mg, self.Mp, self.C_out, self.group, *self.kernel,
                     *self.strides, *self.pads, *self.dilations, OH, OW)

@@ -353,17 +353,22 @@ class PQConv:
         (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
         return conv_out_size(H, kh, sh, pt, pb, dh), conv_out_size(W, kw, sw, pl, pr, dw)
 
-    def apply(self, x) -> np.ndarray:
-        """x: float32 [N, C_in, H, W] -> float32 [N, C_out, OH, OW]."""
+    def check_input(self, x) -> tuple[np.ndarray, int, int]:
+        """x as contiguous float32 [N, C_in, H, W] and the output size (OH, OW); ValueError if it does not fit."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x [N, {self.in_channels}, H, W], got {x.shape}")
-        N, _, H, W = x.shape
+        H, W = x.shape[2:]
         OH, OW = self.out_size(H, W)
         if OH < 1 or OW < 1:
             raise ValueError(f"input {H}x{W} too small for kernel {self.kernel} with pads {self.pads}: "
                              f"output {OH}x{OW}")
-        fn = _conv_parallel if _parallel(N) else _conv_serial
+        return x, OH, OW
+
+    def apply(self, x) -> np.ndarray:
+        """x: float32 [N, C_in, H, W] -> float32 [N, C_out, OH, OW]."""
+        x, OH, OW = self.check_input(x)
+        fn = _conv_parallel if _parallel(len(x)) else _conv_serial
         return fn(x, self.codebook, self.codes_o, self.bias, *self.kernel, *self.strides, *self.pads,
                   *self.dilations, self.group, OH, OW)
 
