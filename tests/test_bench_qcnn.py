@@ -28,7 +28,7 @@ from publishers.datasets import load_mnist
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "mnist"
 EDGE = ROOT / "models" / "edge_cnn.onnx"
-VARIANTS = ("float", "int8 QDQ", "Q-CNN k-means", "Q-CNN EC", "Q-CNN EC native")
+VARIANTS = ("float", "int8 QDQ", "Q-CNN k-means", "Q-CNN EC", "Q-CNN EC native", "Q-CNN EC native segments")
 
 
 def _accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:

@@ -183,7 +183,8 @@ def test_shipped_edge_cnn_native_agrees_with_float_table_qcnn(test_split):
     assert acc_nat >= acc_ref - 0.003  # observed 99.23 % native, 99.20 % float tables
     assert np.linalg.norm(y_nat - y_ref) / np.linalg.norm(y_ref) < 0.03  # observed 0.006
     ext = load_runtime("qcnn", SHIPPED, kernels="native", mode="extensions").predict(x[:37])
-    assert np.array_equal(ext, native.predict(x[:37]))  # same kernels in both modes
+    segments = load_runtime("qcnn", SHIPPED, kernels="native", mode="segments").predict(x[:37])
+    assert np.array_equal(ext, segments)  # same kernels, same onnxruntime layers in both modes
 
 
 def test_kernels_option_is_checked():

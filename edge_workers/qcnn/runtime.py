@@ -6,26 +6,30 @@ kernels (``kernels.py``: float32 tables); "native" requires the fast-scan kernel
 layer; "numba" is the float-table reference. Without the compiled extension "auto" logs one
 warning and uses numba.
 
-Two execution modes, same kernels:
+Three execution modes, same PQ kernels:
 
-* ``mode="direct"`` (default): the graph is cut at its PQConv/PQGemm nodes. Each run of
+* ``mode="direct"`` (default): when every PQ layer is native and every other node is one the
+  native net runs (``native_net.py``: Conv, Gemm, Relu, MaxPool, Flatten, Cast of weights), the
+  whole graph is one native net, one C call per batch. Otherwise, as ``segments``.
+* ``mode="segments"``: the graph is cut at its PQConv/PQGemm nodes. Each run of
   standard nodes between them becomes a small onnxruntime session (same threads), each PQ
   node a prepared layer (``fastscan.FastScanConv``/``FastScanGemm`` or ``kernels.PQConv``/``PQGemm``;
   codes unpacked and laid out once at load),
-  and ``predict`` passes numpy arrays from one step to the next.
+  and ``predict`` passes numpy arrays from one step to the next. The sessions cost 25-45 us
+  each at batch 1 (edge CNN, 1 thread: 96 of 151 us), which is why the net exists.
 * ``mode="extensions"``: one onnxruntime session with the PQ nodes as onnxruntime-extensions
   Python custom ops (``ops.py``). It needs no graph surgery but pays onnxruntime-extensions'
   per-call conversion: the op's output goes back to C++ as ``rv.flatten().tolist()`` (a
   Python float per element, ``onnxruntime_extensions/_ocos.py``), and attributes are re-cast
   into a new dict on every call.
 
-Why direct is the default (edge_cnn, 1 thread, numba kernels in both modes, medians on a
+Why direct/segments and not extensions (edge_cnn, 1 thread, numba kernels in both modes, medians on a
 shared 2-core host, float onnxruntime in the same process for scale): batch 1 0.37 vs
 1.10 ms (float 0.14), batch 32 5.0 vs 18.0 ms (float 2.5), batch 64 9.4 vs 39.0 ms (float
 3.8). In extensions mode the PQ op bodies are ~20% of the time and the conversion the rest,
 far outside the 1.5x that would justify the simpler single session.
 
-Threads: sub-sessions get `threads` intra-op threads; native kernels split a batch over
+Threads: sub-sessions get `threads` intra-op threads; the native net and native kernels split a batch over
 `threads` Python threads (the C code releases the GIL), numba kernels run their prange
 versions over samples. Sub-sessions do not spin (their workers would take the cores the
 kernels run on next), which costs wake-up time at batch 1; numba's OpenMP layer spins in its barriers by default,
@@ -39,7 +43,7 @@ import numpy as np
 
 from edge_workers.runtime import check_batch, register, static_input_shape
 
-MODES = ("direct", "extensions")
+MODES = ("direct", "segments", "extensions")
 
 
 @register("qcnn")
@@ -65,8 +69,10 @@ class QcnnRuntime:
         self.threads = max(1, int(threads))
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         try:
-            self._run, self.input_name, input_dims = (_direct if mode == "direct" else _extensions)(
-                path, self.threads, kernels)
+            if mode == "extensions":
+                self._run, self.input_name, input_dims = _extensions(path, self.threads, kernels)
+            else:
+                self._run, self.input_name, input_dims = _direct(path, self.threads, kernels, mode == "direct")
         except NativeUnavailableError:
             raise
         except Exception as err:  # onnx / onnxruntime raise their own exception types
@@ -101,12 +107,14 @@ def _extensions(path: str, threads: int, kernels: str):
     return (lambda x: session.run([out], {inp.name: x})[0]), inp.name, inp.shape
 
 
-def _direct(path: str, threads: int, kernels: str):
-    """(run, input name, input dims): standard-node segments as onnxruntime sessions, PQ nodes as kernel calls."""
+def _direct(path: str, threads: int, kernels: str, native_net: bool = True):
+    """(run, input name, input dims): the whole graph as one native net when `native_net` and every node allows
+    (``native_net.py``), else standard-node segments as onnxruntime sessions and PQ nodes as kernel calls."""
     import onnx
     from onnx import numpy_helper
 
     from edge_workers.qcnn import fastscan
+    from edge_workers.qcnn import native_net as netlib
     from edge_workers.qcnn.export import CODES_LAYOUTS, DOMAIN, PQ_OPS, QcnnFormatError, check_format, read_pq
 
     model = onnx.load(path)
@@ -139,15 +147,29 @@ def _direct(path: str, threads: int, kernels: str):
     types = {graph_inputs[0].name: graph_inputs[0].type.tensor_type.elem_type}
     k_max = max((a.i for nd in g.node if nd.domain == DOMAIN for a in nd.attribute if a.name == "K"), default=0)
     uses_numba = kernels == "numba" or k_max > fastscan.MAX_K or fastscan.native() is None
+    pq_layers = {}  # PQ node output -> prepared layer (codes unpacked and laid out once)
+    for node in g.node:
+        if node.domain == DOMAIN:
+            arrays = {n: numpy_helper.to_array(inits[n]) for n in node.input[1:]}
+            pq, a = read_pq(node, arrays)
+            packed = arrays[node.input[2]] if a.get("codes_layout") == CODES_LAYOUTS["fastscan4"] else None
+            pq_layers[node.output[0]] = fastscan.from_attrs(node.op_type, pq.codebook, pq.codes, pq.bias, a, kernels,
+                                                            packed, threads)
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
+            for d in graph_inputs[0].type.tensor_type.shape.dim]
+    if native_net and not uses_numba and all(isinstance(d, int) for d in dims[1:]):
+        net = netlib.build(model, pq_layers, dims[1:], threads)
+        if net is not None:
+            def run_net(x: np.ndarray) -> np.ndarray:
+                return net.run(x)
+
+            run_net.uses_numba, run_net.net = False, net
+            return run_net, graph_inputs[0].name, dims
     steps = []
     for i, nodes in enumerate(groups):
         if nodes[0].domain == DOMAIN:
             node = nodes[0]
-            arrays = {n: numpy_helper.to_array(inits[n]) for n in node.input[1:]}
-            pq, a = read_pq(node, arrays)
-            packed = arrays[node.input[2]] if a.get("codes_layout") == CODES_LAYOUTS["fastscan4"] else None
-            layer = fastscan.from_attrs(node.op_type, pq.codebook, pq.codes, pq.bias, a, kernels, packed, threads)
-            steps.append((layer.apply, node.input[0], node.output[0]))
+            steps.append((pq_layers[node.output[0]].apply, node.input[0], node.output[0]))
             types[node.output[0]] = onnx.TensorProto.FLOAT
         else:
             session, ins, outs = _segment(model, nodes, inits, types, needed_later[i], threads, f"{path}#{i}")
@@ -164,8 +186,6 @@ def _direct(path: str, threads: int, kernels: str):
         return env[out_name]
 
     run.uses_numba = uses_numba
-    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
-            for d in graph_inputs[0].type.tensor_type.shape.dim]
     return run, in_name, dims
 
 

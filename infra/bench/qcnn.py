@@ -32,8 +32,9 @@ from infra.bench.timing import Latency, measure_latency
 
 Progress = Callable[[str], None]
 
-VARIANTS = ("float", "int8 QDQ", "Q-CNN k-means", "Q-CNN EC", "Q-CNN EC native")
+VARIANTS = ("float", "int8 QDQ", "Q-CNN k-means", "Q-CNN EC", "Q-CNN EC native", "Q-CNN EC native segments")
 NATIVE = "Q-CNN EC native"
+SEGMENTS = "Q-CNN EC native segments"
 BATCHES = (1, 32)
 EVAL_BATCH = 256
 QCNN_KEYS = ("conv_k", "conv_dsub", "fc_k", "fc_dsub", "last_fc", "ec_iters", "codebook_dtype")  # shown in the notes
@@ -193,6 +194,8 @@ def build_variants(case: Case, cfg: QcnnBenchConfig, tmp: Path, progress: Progre
                                      options={"kernels": "numba"}))
     ec_file = case.variants[-1]  # the same file on the native fast-scan kernels (every layer: K <= 16)
     case.variants.append(Variant(NATIVE, "qcnn", ec_file.path, ec_file.file_bytes, options={"kernels": "native"}))
+    case.variants.append(Variant(SEGMENTS, "qcnn", ec_file.path, ec_file.file_bytes,
+                                 options={"kernels": "native", "mode": "segments"}))
 
 
 def evaluate(case: Case, threads: int, progress: Progress) -> None:
@@ -362,8 +365,11 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         "conv_dsub=fc_dsub=dsub and runs each file with the runtime's default kernels (native where K <= 16).",
         "Kernels: the Q-CNN k-means and Q-CNN EC rows run the numba float-table kernels (the reference); "
         f"{NATIVE} runs the same EC file on the native fast-scan kernels ({_native_path()}: 4-bit codes, "
-        "lookup tables quantized to 8 bits per sample, SIMD byte shuffles, 16-bit accumulators). With 2 threads "
-        "the native kernels split a batch in two halves.",
+        "lookup tables quantized to 8 bits per sample, SIMD byte shuffles, 16-bit accumulators), the whole graph "
+        "as one native net (edge_workers/qcnn/native_net.py: the float conv, ReLU, pooling and FC layers in C "
+        f"too, one call per batch); {SEGMENTS} runs the same PQ kernels with the layers between them as "
+        "onnxruntime sessions (the runtime's segments mode). With 2 threads the native rows split a batch in "
+        "two halves.",
         "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
         "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
         "(onnxruntime's CPU guidance).",

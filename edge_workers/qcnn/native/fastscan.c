@@ -16,6 +16,8 @@
  * 16-bit accumulators take one byte (<= 255) per step and are flushed into 32-bit sums every 256
  * steps (256 * 255 = 65280 < 65536), so every path gives the same integer sums as the scalar one.
  *
+ * net.h runs a whole chain of layers (these PQ layers and float conv/FC/ReLU/max-pool) in one call.
+ *
  * Paths: "scalar" (always built), "avx2" and "avx512bw" (x86-64 with GCC/clang: per-function target
  * attributes, chosen at run time with __builtin_cpu_supports), "neon" (AArch64 only).
  */
@@ -40,6 +42,18 @@
 
 /* ------------------------------------------------------------------------------------------- FC */
 
+/* One sample's tables: lut [M, 16] and mins [M] (float), q [M, 16] (uint8; rows M..Mp-1 left as they are),
+ * scale_off[0] = the quantization scale, scale_off[1] = the sum of the row minima. */
+static void fc_tables(const path_t *p, const float *x, const float *cbt, Py_ssize_t M, Py_ssize_t dsub, float *lut,
+                      float *mins, uint8_t *q, float *scale_off) {
+    float s = scale_for(p->rows(x, 1, cbt, M, dsub, lut, mins));
+    p->quantize(lut, mins, M, 1.0f / s, q);
+    double off = 0.0;
+    for (Py_ssize_t m = 0; m < M; m++) off += mins[m];
+    scale_off[0] = s;
+    scale_off[1] = (float)off;
+}
+
 /* y[n, t] for one FC layer; codes: fastscan4 layout (one group), Mp padded subspaces. 0 or -1 (no memory). */
 static int fc_run(const path_t *p, const float *x, Py_ssize_t N, const float *cbt, const uint8_t *codes,
                   const float *bias, Py_ssize_t M, Py_ssize_t Mp, Py_ssize_t dsub, Py_ssize_t C_out,
@@ -53,14 +67,9 @@ static int fc_run(const path_t *p, const float *x, Py_ssize_t N, const float *cb
     }
     float *mins = lut + M * 16;
     for (Py_ssize_t n = 0; n < N; n++) {
-        float s = scale_for(p->rows(x + n * M * dsub, 1, cbt, M, dsub, lut, mins));
-        p->quantize(lut, mins, M, 1.0f / s, q + n * Mp * 16);
-        double off = 0.0;
-        for (Py_ssize_t m = 0; m < M; m++) off += mins[m];
-        scale[2 * n] = s;
-        scale[2 * n + 1] = (float)off;
+        fc_tables(p, x + n * M * dsub, cbt, M, dsub, lut, mins, q + n * Mp * 16, scale + 2 * n);
         if (lut_out) memcpy(lut_out + n * M * 16, lut, sizeof(float) * (size_t)(M * 16));
-        if (scale_out) { scale_out[2 * n] = s; scale_out[2 * n + 1] = (float)off; }
+        if (scale_out) memcpy(scale_out + 2 * n, scale + 2 * n, sizeof(float) * 2);
     }
     Py_ssize_t nblk = (C_out + FS_BLOCK - 1) / FS_BLOCK;
     uint32_t sums[FS_BLOCK];
@@ -271,6 +280,8 @@ done:
     return res;
 }
 
+#include "net.h" /* whole-network execution (net_new, net_run) */
+
 static PyObject *py_paths(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
     PyObject *out = PyList_New(0);
     for (int i = 0; out && i < N_PATHS; i++)
@@ -295,6 +306,8 @@ static PyObject *py_compiled_paths(PyObject *Py_UNUSED(self), PyObject *Py_UNUSE
 static PyMethodDef methods[] = {
     {"fc", (PyCFunction)(void (*)(void))py_fc, METH_VARARGS | METH_KEYWORDS, fc_doc},
     {"conv", py_conv, METH_VARARGS, conv_doc},
+    {"net_new", py_net_new, METH_VARARGS, net_new_doc},
+    {"net_run", py_net_run, METH_VARARGS, net_run_doc},
     {"paths", py_paths, METH_NOARGS, "Paths this CPU can run, best first (always ends with 'scalar')."},
     {"compiled_paths", py_compiled_paths, METH_NOARGS, "Paths compiled into this build, best first."},
     {NULL, NULL, 0, NULL},

@@ -1,0 +1,427 @@
+/* edgeq Q-CNN whole-network execution: a chain of layers run sample by sample in one call.
+ *
+ * Included once, by fastscan.c (after the FC and conv kernels). Python side: edge_workers/qcnn/native_net.py,
+ * which turns a Q-CNN ONNX graph made only of the layers below into a net and falls back to onnxruntime
+ * segments for anything else.
+ *
+ * Why: between two PQ layers a small graph has a ReLU, a pooling, a flatten; as onnxruntime sessions called
+ * from Python each costs 25-45 us at batch 1, more than the PQ layers themselves (edge CNN: 3 sessions,
+ * 96 of 151 us). Here a sample goes through every layer while its activations stay in the cache, and the
+ * GIL is released once per call.
+ *
+ * Layers (kind, geometry as in conv_t, arrays):
+ *   NET_CONV     float convolution, group 1: w float32 [C_out, C*kh*kw], b float32 [C_out]
+ *   NET_PQCONV   fast-scan PQ convolution: cbt, fastscan4 codes, bias (as conv())
+ *   NET_PQGEMM   fast-scan PQ FC, M subspaces of dsub inputs: cbt, fastscan4 codes, bias (as fc())
+ *   NET_GEMM     float FC, C inputs: w float32 [C_out, C], b float32 [C_out]
+ *   NET_RELU     max(x, 0) over C*H*W values
+ *   NET_MAXPOOL  max over kh x kw windows (strides, pads; padding never wins), C channels
+ * A flatten between layers needs no work: activations are contiguous [C, H, W] per sample.
+ */
+#ifndef EDGEQ_FASTSCAN_NET_H
+#define EDGEQ_FASTSCAN_NET_H
+
+enum { NET_CONV = 1, NET_PQCONV, NET_PQGEMM, NET_GEMM, NET_RELU, NET_MAXPOOL };
+#define NET_MAX_ARRAYS 3
+#define NET_CAPSULE "edgeq.qcnn.net"
+
+/* Float loops the compiler vectorizes; on x86-64 Linux with GCC also built for x86-64-v3 (AVX2, FMA) and
+ * chosen at load time (ifunc). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define NET_CLONES
+#endif
+
+typedef struct {
+    int kind;
+    conv_t c;                       /* geometry (conv_t field meanings; FC: C inputs, C_out outputs) */
+    Py_ssize_t in_size, out_size;   /* floats per sample */
+    Py_buffer arrays[NET_MAX_ARRAYS];
+} net_op_t;
+
+typedef struct {
+    Py_ssize_t n_ops, in_size, out_size, act_size; /* act_size: largest activation, floats */
+    net_op_t *ops;
+} net_t;
+
+/* Per-call work buffers: two activations, im2col columns (or pooling row maxima), FC tables, one conv_buf_t per
+ * PQ conv. */
+typedef struct {
+    float *act[2], *cols, *lut;
+    uint8_t *q;
+    conv_buf_t *conv;
+} net_ws_t;
+
+static float *fbuf(const net_op_t *op, int i) { return (float *)op->arrays[i].buf; }
+
+/* ------------------------------------------------------------------------------------- float layers */
+
+/* The outputs ow in [lo, hi) of a row (ow < OW) whose input column iw0 + ow * sw lies in [0, W). */
+static void net_span(Py_ssize_t iw0, Py_ssize_t sw, Py_ssize_t W, Py_ssize_t OW, Py_ssize_t *lo, Py_ssize_t *hi) {
+    Py_ssize_t l = iw0 >= 0 ? 0 : (-iw0 + sw - 1) / sw, h = W - 1 - iw0 < 0 ? 0 : (W - 1 - iw0) / sw + 1;
+    h = h < OW ? h : OW;
+    *lo = l < h ? l : h;
+    *hi = h;
+}
+
+/* cols [C*kh*kw, OH*OW]: the input values each kernel tap sees at each output position (0 in the padding). */
+static void net_im2col(const conv_t *c, const float *x, float *cols) {
+    Py_ssize_t P = c->OH * c->OW;
+    for (Py_ssize_t ch = 0, k = 0; ch < c->C; ch++)
+        for (Py_ssize_t a = 0; a < c->kh; a++)
+            for (Py_ssize_t bb = 0; bb < c->kw; bb++, k++)
+                for (Py_ssize_t oh = 0; oh < c->OH; oh++) {
+                    float *col = cols + k * P + oh * c->OW;
+                    Py_ssize_t ih = oh * c->sh + a * c->dh - c->pt, iw0 = bb * c->dw - c->pl;
+                    if (ih < 0 || ih >= c->H) {
+                        memset(col, 0, sizeof(float) * (size_t)c->OW);
+                        continue;
+                    }
+                    const float *row = x + (ch * c->H + ih) * c->W;
+                    Py_ssize_t lo, hi; /* output columns [lo, hi) read inside the row */
+                    net_span(iw0, c->sw, c->W, c->OW, &lo, &hi);
+                    for (Py_ssize_t ow = 0; ow < lo; ow++) col[ow] = 0.0f;
+                    if (c->sw == 1)
+                        memcpy(col + lo, row + iw0 + lo, sizeof(float) * (size_t)(hi - lo));
+                    else
+                        for (Py_ssize_t ow = lo; ow < hi; ow++) col[ow] = row[iw0 + ow * c->sw];
+                    for (Py_ssize_t ow = hi; ow < c->OW; ow++) col[ow] = 0.0f;
+                }
+}
+
+typedef float net_v8 __attribute__((vector_size(32))); /* GCC/clang vector: one AVX register, or two SSE */
+
+#define NET_LOAD8(p) ({ net_v8 v_; memcpy(&v_, (p), sizeof v_); v_; }) /* unaligned load */
+
+/* One output channel's positions [i0, P) one at a time (what the tiles leave over). */
+static void net_conv_rest(const float *cols, Py_ssize_t P, Py_ssize_t KK, Py_ssize_t i0, const float *wo, float bo,
+                          float *yo) {
+    for (Py_ssize_t i = i0; i < P; i++) {
+        float s = 0.0f;
+        for (Py_ssize_t k = 0; k < KK; k++) s += wo[k] * cols[k * P + i];
+        yo[i] = s + bo;
+    }
+}
+
+/* y [C_out, OH*OW] = w [C_out, C*kh*kw] @ net_im2col(x) + b. cols: [C*kh*kw, OH*OW] scratch.
+ * Tiles of 32 positions x 2 output channels keep their eight 8-wide sums in registers over the whole k loop
+ * (each loaded column vector feeds two multiply-adds); the outer loop over position tiles keeps one tile of
+ * columns in the L1 cache while every channel pair reads it. */
+NET_CLONES static void net_conv(const conv_t *c, const float *x, const float *w, const float *b, float *cols,
+                                float *y) {
+    Py_ssize_t P = c->OH * c->OW, KK = c->C * c->kh * c->kw, i0 = 0, pairs = c->C_out / 2;
+    net_im2col(c, x, cols);
+    for (; i0 + 32 <= P; i0 += 32)
+        for (Py_ssize_t o = 0; o < 2 * pairs; o += 2) {
+            const float *w0 = w + o * KK, *w1 = w0 + KK;
+            net_v8 a0 = {0}, a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (Py_ssize_t k = 0; k < KK; k++) {
+                const float *col = cols + k * P + i0;
+                net_v8 c0 = NET_LOAD8(col), c1 = NET_LOAD8(col + 8), c2 = NET_LOAD8(col + 16),
+                       c3 = NET_LOAD8(col + 24), u = a0 * 0.0f + w0[k], v = a0 * 0.0f + w1[k];
+                a0 += u * c0; a1 += u * c1; a2 += u * c2; a3 += u * c3;
+                b0 += v * c0; b1 += v * c1; b2 += v * c2; b3 += v * c3;
+            }
+            float *y0 = y + o * P + i0, *y1 = y0 + P;
+            a0 += b[o]; a1 += b[o]; a2 += b[o]; a3 += b[o];
+            b0 += b[o + 1]; b1 += b[o + 1]; b2 += b[o + 1]; b3 += b[o + 1];
+            memcpy(y0, &a0, 32); memcpy(y0 + 8, &a1, 32); memcpy(y0 + 16, &a2, 32); memcpy(y0 + 24, &a3, 32);
+            memcpy(y1, &b0, 32); memcpy(y1 + 8, &b1, 32); memcpy(y1 + 16, &b2, 32); memcpy(y1 + 24, &b3, 32);
+        }
+    for (Py_ssize_t o = 0; o < c->C_out; o++) /* positions the tiles left over; an odd last channel */
+        net_conv_rest(cols, P, KK, o < 2 * pairs ? i0 : 0, w + o * KK, b[o], y + o * P);
+}
+
+NET_CLONES static void net_gemm(const float *x, Py_ssize_t C, const float *w, const float *b, Py_ssize_t C_out,
+                                float *y) {
+    for (Py_ssize_t o = 0; o < C_out; o++) {
+        float s = 0.0f;
+        const float *wo = w + o * C;
+        for (Py_ssize_t i = 0; i < C; i++) s += wo[i] * x[i];
+        y[o] = b[o] + s;
+    }
+}
+
+/* Max over each window: first over its rows (whole input rows, vectorized), then along the row.
+ * rowmax: W floats of scratch. */
+NET_CLONES static void net_maxpool(const conv_t *c, const float *x, float *rowmax, float *y) {
+    if (c->kh == 2 && c->kw == 2 && c->sh == 2 && c->sw == 2 && !c->pt && !c->pl && 2 * c->OH <= c->H &&
+        2 * c->OW <= c->W) { /* the common 2 x 2 pooling: no padding, constant strides the compiler vectorizes */
+        for (Py_ssize_t ch = 0; ch < c->C; ch++)
+            for (Py_ssize_t oh = 0; oh < c->OH; oh++) {
+                const float *r0 = x + (ch * c->H + 2 * oh) * c->W, *r1 = r0 + c->W;
+                float *yr = y + (ch * c->OH + oh) * c->OW;
+                for (Py_ssize_t ow = 0; ow < c->OW; ow++) {
+                    float a = r0[2 * ow] > r1[2 * ow] ? r0[2 * ow] : r1[2 * ow];
+                    float b = r0[2 * ow + 1] > r1[2 * ow + 1] ? r0[2 * ow + 1] : r1[2 * ow + 1];
+                    yr[ow] = a > b ? a : b;
+                }
+            }
+        return;
+    }
+    for (Py_ssize_t ch = 0; ch < c->C; ch++)
+        for (Py_ssize_t oh = 0; oh < c->OH; oh++) {
+            for (Py_ssize_t iw = 0; iw < c->W; iw++) rowmax[iw] = -INFINITY;
+            for (Py_ssize_t a = 0; a < c->kh; a++) {
+                Py_ssize_t ih = oh * c->sh + a - c->pt;
+                if (ih < 0 || ih >= c->H) continue;
+                const float *row = x + (ch * c->H + ih) * c->W;
+                for (Py_ssize_t iw = 0; iw < c->W; iw++) rowmax[iw] = row[iw] > rowmax[iw] ? row[iw] : rowmax[iw];
+            }
+            float *yr = y + (ch * c->OH + oh) * c->OW;
+            for (Py_ssize_t ow = 0; ow < c->OW; ow++) yr[ow] = -INFINITY;
+            for (Py_ssize_t bb = 0; bb < c->kw; bb++) {
+                Py_ssize_t iw0 = bb - c->pl, lo, hi; /* output columns [lo, hi) read inside the row */
+                net_span(iw0, c->sw, c->W, c->OW, &lo, &hi);
+                for (Py_ssize_t ow = lo; ow < hi; ow++) {
+                    float v = rowmax[iw0 + ow * c->sw];
+                    yr[ow] = v > yr[ow] ? v : yr[ow];
+                }
+            }
+        }
+}
+
+/* ------------------------------------------------------------------------------------------ PQ FC */
+
+/* One sample of a PQ FC layer with caller-owned tables (q: [Mp, 16], rows M.. zero). */
+static void net_pqgemm(const path_t *p, const net_op_t *op, const float *x, float *lut, uint8_t *q, float *y) {
+    const conv_t *c = &op->c;
+    float so[2];
+    uint32_t sums[FS_BLOCK];
+    fc_tables(p, x, fbuf(op, 0), c->M, c->dsub, lut, lut + c->M * 16, q, so);
+    const uint8_t *codes = op->arrays[1].buf;
+    const float *bias = fbuf(op, 2);
+    for (Py_ssize_t t0 = 0; t0 < c->C_out; t0 += FS_BLOCK) {
+        p->scan(codes + (t0 / FS_BLOCK) * c->Mp * 16, q, c->Mp, sums);
+        Py_ssize_t nt = c->C_out - t0 < FS_BLOCK ? c->C_out - t0 : FS_BLOCK;
+        for (Py_ssize_t i = 0; i < nt; i++) y[t0 + i] = bias[t0 + i] + so[1] + so[0] * (float)sums[i];
+    }
+}
+
+/* -------------------------------------------------------------------------------------------- run */
+
+static void net_ws_free(const net_t *net, net_ws_t *ws) {
+    free(ws->act[0]); free(ws->act[1]); free(ws->cols); free(ws->lut); free(ws->q);
+    if (ws->conv)
+        for (Py_ssize_t i = 0; i < net->n_ops; i++) conv_free(&ws->conv[i]);
+    free(ws->conv);
+}
+
+static int net_ws_alloc(const net_t *net, net_ws_t *ws) {
+    Py_ssize_t cols = 1, lut = 1, q = 1;
+    for (Py_ssize_t i = 0; i < net->n_ops; i++) {
+        const net_op_t *op = &net->ops[i];
+        const conv_t *c = &op->c;
+        if (op->kind == NET_CONV && c->C * c->kh * c->kw * c->OH * c->OW > cols)
+            cols = c->C * c->kh * c->kw * c->OH * c->OW;
+        if (op->kind == NET_MAXPOOL && c->W > cols) cols = c->W; /* row maxima */
+        if (op->kind == NET_PQGEMM) {
+            lut = c->M * 17 > lut ? c->M * 17 : lut;
+            q = c->Mp * 16 > q ? c->Mp * 16 : q;
+        }
+    }
+    ws->act[0] = malloc(sizeof(float) * (size_t)net->act_size);
+    ws->act[1] = malloc(sizeof(float) * (size_t)net->act_size);
+    ws->cols = malloc(sizeof(float) * (size_t)cols);
+    ws->lut = malloc(sizeof(float) * (size_t)lut);
+    ws->q = calloc((size_t)q, 1);
+    ws->conv = calloc((size_t)net->n_ops, sizeof(conv_buf_t));
+    if (!ws->act[0] || !ws->act[1] || !ws->cols || !ws->lut || !ws->q || !ws->conv) return -1;
+    for (Py_ssize_t i = 0; i < net->n_ops; i++)
+        if (net->ops[i].kind == NET_PQCONV && conv_alloc(&net->ops[i].c, &ws->conv[i])) return -1;
+    return 0;
+}
+
+/* y [N, out_size] = the net applied to x [N, in_size]. 0, or -1 when out of memory. */
+static int net_run(const path_t *p, const net_t *net, const float *x, Py_ssize_t N, float *y) {
+    net_ws_t ws = {0};
+    int rc = net_ws_alloc(net, &ws);
+    for (Py_ssize_t n = 0; n < N && !rc; n++) {
+        const float *in = x + n * net->in_size;
+        for (Py_ssize_t i = 0; i < net->n_ops; i++) {
+            const net_op_t *op = &net->ops[i];
+            float *out = i == net->n_ops - 1 ? y + n * net->out_size : ws.act[i % 2];
+            switch (op->kind) {
+            case NET_CONV: net_conv(&op->c, in, fbuf(op, 0), fbuf(op, 1), ws.cols, out); break;
+            case NET_PQCONV:
+                conv_sample(p, &op->c, &ws.conv[i], in, fbuf(op, 0), op->arrays[1].buf, fbuf(op, 2), out);
+                break;
+            case NET_PQGEMM: net_pqgemm(p, op, in, ws.lut, ws.q, out); break;
+            case NET_GEMM: net_gemm(in, op->c.C, fbuf(op, 0), fbuf(op, 1), op->c.C_out, out); break;
+            case NET_RELU:
+                for (Py_ssize_t k = 0; k < op->in_size; k++) out[k] = in[k] > 0.0f ? in[k] : 0.0f;
+                break;
+            case NET_MAXPOOL: net_maxpool(&op->c, in, ws.cols, out); break;
+            }
+            in = out;
+        }
+    }
+    net_ws_free(net, &ws);
+    return rc;
+}
+
+/* ----------------------------------------------------------------------------------- Python glue */
+
+static void net_free(net_t *net) {
+    if (!net) return;
+    for (Py_ssize_t i = 0; net->ops && i < net->n_ops; i++) release(net->ops[i].arrays, NET_MAX_ARRAYS);
+    free(net->ops);
+    free(net);
+}
+
+static void net_capsule_free(PyObject *capsule) { net_free(PyCapsule_GetPointer(capsule, NET_CAPSULE)); }
+
+/* Sizes of one layer from its kind and geometry; checks them and its arrays. 0, or -1 with an exception. */
+static int net_op_check(net_op_t *op, Py_ssize_t index) {
+    conv_t *c = &op->c;
+    Py_ssize_t S = c->kh * c->kw, nblk = (c->C_out + FS_BLOCK - 1) / FS_BLOCK;
+    Py_ssize_t want[NET_MAX_ARRAYS] = {0, 0, 0}; /* bytes per array; 0 = no array */
+    int bad = c->C < 1 || c->H < 1 || c->W < 1;
+    int window = op->kind == NET_CONV || op->kind == NET_PQCONV || op->kind == NET_MAXPOOL;
+    if (window) {
+        if (op->kind == NET_MAXPOOL) c->dh = c->dw = 1;
+        bad |= c->kh < 1 || c->kw < 1 || c->sh < 1 || c->sw < 1 || c->dh < 1 || c->dw < 1 || c->OH < 1 ||
+               c->OW < 1 || c->pt < 0 || c->pl < 0 || c->pb < 0 || c->pr < 0 ||
+               (c->OH - 1) * c->sh + (c->kh - 1) * c->dh >= c->H + c->pt + c->pb ||
+               (c->OW - 1) * c->sw + (c->kw - 1) * c->dw >= c->W + c->pl + c->pr;
+    }
+    op->in_size = c->C * c->H * c->W;
+    switch (op->kind) {
+    case NET_CONV:
+        bad |= c->C_out < 1 || c->group != 1;
+        op->out_size = c->C_out * c->OH * c->OW;
+        want[0] = 4 * c->C_out * c->C * S;
+        want[1] = 4 * c->C_out;
+        break;
+    case NET_PQCONV:
+        bad |= c->group < 1 || c->M != c->group * c->Mg || c->C != c->M * c->dsub || c->K < 1 || c->K > 16 ||
+               c->Mp < S * c->Mg || c->Mp % 4 || c->C_out < 1 || c->C_out % c->group;
+        nblk = (c->C_out / (c->group > 0 ? c->group : 1) + FS_BLOCK - 1) / FS_BLOCK;
+        op->out_size = c->C_out * c->OH * c->OW;
+        want[0] = 4 * c->M * c->dsub * 16;
+        want[1] = c->group * nblk * c->Mp * 16;
+        want[2] = 4 * c->C_out;
+        break;
+    case NET_PQGEMM:
+        bad |= c->M < 1 || c->Mp < c->M || c->Mp % 4 || c->K < 1 || c->K > 16 || c->dsub < 1 || c->C_out < 1 ||
+               op->in_size != c->M * c->dsub;
+        op->out_size = c->C_out;
+        want[0] = 4 * c->M * c->dsub * 16;
+        want[1] = nblk * c->Mp * 16;
+        want[2] = 4 * c->C_out;
+        break;
+    case NET_GEMM:
+        bad |= c->C_out < 1;
+        op->out_size = c->C_out;
+        want[0] = 4 * c->C_out * op->in_size;
+        want[1] = 4 * c->C_out;
+        break;
+    case NET_RELU: op->out_size = op->in_size; break;
+    case NET_MAXPOOL: op->out_size = c->C * c->OH * c->OW; break;
+    default:
+        PyErr_Format(PyExc_ValueError, "net layer %zd: unknown kind %d", index, op->kind);
+        return -1;
+    }
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "net layer %zd (kind %d): inconsistent sizes", index, op->kind);
+        return -1;
+    }
+    char what[48];
+    for (int i = 0; i < NET_MAX_ARRAYS; i++) {
+        snprintf(what, sizeof what, "net layer %zd array %d", index, i);
+        if (want[i] && (!op->arrays[i].obj || !need(&op->arrays[i], want[i], what))) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s: missing", what);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(net_new_doc,
+             "net_new(layers) -> net (a capsule)\n"
+             "layers: sequence of (kind, sizes, arrays); sizes as conv()'s 23-tuple (N ignored), arrays a tuple of\n"
+             "up to 3 contiguous buffers (kept referenced by the net). See net.h for the kinds.");
+
+static PyObject *py_net_new(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *layers;
+    if (!PyArg_ParseTuple(args, "O", &layers)) return NULL;
+    PyObject *seq = PySequence_Fast(layers, "layers must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    net_t *net = calloc(1, sizeof *net);
+    if (!net || !(net->ops = calloc((size_t)(n ? n : 1), sizeof(net_op_t)))) {
+        free(net);
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "a net needs at least one layer");
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        net_op_t *op = &net->ops[i];
+        conv_t *c = &op->c;
+        PyObject *arrays;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "i(nnnnnnnnnnnnnnnnnnnnnnn)O!", &op->kind, &c->N,
+                              &c->C, &c->H, &c->W, &c->M, &c->K, &c->dsub, &c->Mg, &c->Mp, &c->C_out, &c->group,
+                              &c->kh, &c->kw, &c->sh, &c->sw, &c->pt, &c->pl, &c->pb, &c->pr, &c->dh, &c->dw, &c->OH,
+                              &c->OW, &PyTuple_Type, &arrays))
+            goto fail;
+        net->n_ops = i + 1; /* from here on net_free releases this layer's buffers */
+        if (PyTuple_GET_SIZE(arrays) > NET_MAX_ARRAYS) {
+            PyErr_Format(PyExc_ValueError, "net layer %zd: at most %d arrays", i, NET_MAX_ARRAYS);
+            goto fail;
+        }
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(arrays); j++)
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(arrays, j), &op->arrays[j], PyBUF_SIMPLE)) goto fail;
+        if (net_op_check(op, i)) goto fail;
+        if (i && op->in_size != net->ops[i - 1].out_size) {
+            PyErr_Format(PyExc_ValueError, "net layer %zd takes %zd values, layer %zd gives %zd", i, op->in_size,
+                         i - 1, net->ops[i - 1].out_size);
+            goto fail;
+        }
+        net->act_size = op->out_size > net->act_size ? op->out_size : net->act_size;
+    }
+    net->in_size = net->ops[0].in_size;
+    net->out_size = net->ops[n - 1].out_size;
+    Py_DECREF(seq);
+    PyObject *capsule = PyCapsule_New(net, NET_CAPSULE, net_capsule_free);
+    if (!capsule) net_free(net);
+    return capsule;
+fail:
+    Py_DECREF(seq);
+    net_free(net);
+    return NULL;
+}
+
+PyDoc_STRVAR(net_run_doc,
+             "net_run(net, x, y, N, path='')\n"
+             "y float32 [N, out] (written) = the net applied to x float32 [N, in], sample by sample.");
+
+static PyObject *py_net_run(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *capsule;
+    Py_buffer b[2] = {{0}};
+    Py_ssize_t N;
+    const char *path = "";
+    if (!PyArg_ParseTuple(args, "Oy*w*n|s", &capsule, &b[0], &b[1], &N, &path)) return NULL;
+    PyObject *res = NULL;
+    const net_t *net = PyCapsule_GetPointer(capsule, NET_CAPSULE);
+    const path_t *p = net ? find_path(path) : NULL;
+    if (!p) goto done;
+    if (N < 0 || !need(&b[0], 4 * N * net->in_size, "x") || !need(&b[1], 4 * N * net->out_size, "y")) goto done;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = net_run(p, net, b[0].buf, N, b[1].buf);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    res = Py_NewRef(Py_None);
+done:
+    release(b, 2);
+    return res;
+}
+
+#endif /* EDGEQ_FASTSCAN_NET_H */
