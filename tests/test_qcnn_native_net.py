@@ -58,7 +58,8 @@ def test_float_conv_relu_pool_flatten_gemm_match_onnxruntime(C, H, W, C_out, ker
                               dilations=dil),
              helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=(2, 2), strides=(2, 2)),
-             helper.make_node("MaxPool", ["p"], ["q"], kernel_shape=(3, 2), strides=(1, 2), pads=(1, 0, 1, 1)),
+             helper.make_node("Relu", ["p"], ["pr"]),  # after a pooling: a ReLU layer of its own
+             helper.make_node("MaxPool", ["pr"], ["q"], kernel_shape=(3, 2), strides=(1, 2), pads=(1, 0, 1, 1)),
              helper.make_node("Flatten", ["q"], ["f"], axis=1)]
     probe = _ort(_graph(nodes, {"w": w, "b": b}, (C, H, W), "f"), np.zeros((1, C, H, W), np.float32))
     F = probe.shape[1]
@@ -72,9 +73,10 @@ def test_float_conv_relu_pool_flatten_gemm_match_onnxruntime(C, H, W, C_out, ker
     x = rng.normal(size=(5, C, H, W)).astype(np.float32)
     want = _ort(model, x)
     net = _net(model, (C, H, W))
-    assert [layer[0] for layer in net.layers] == [native_net.CONV, native_net.RELU, native_net.MAXPOOL,
-                                                  native_net.MAXPOOL, native_net.GEMM, native_net.RELU,
-                                                  native_net.GEMM]
+    # ReLUs after a conv or FC are flags of that layer
+    assert [(layer[0], layer[3:]) for layer in net.layers] == [
+        (native_net.CONV, (True,)), (native_net.MAXPOOL, ()), (native_net.RELU, ()), (native_net.MAXPOOL, ()),
+        (native_net.GEMM, (True,)), (native_net.GEMM, ())]
     got = net.run(x)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())  # observed ~1e-6
@@ -134,7 +136,9 @@ def held_out():
 def test_shipped_edge_cnn_runs_as_one_net_and_matches_segments(held_out):
     direct = load_runtime("qcnn", SHIPPED)
     assert hasattr(direct._run, "net"), "the shipped edge CNN should run as one native net"
-    assert len(direct._run.net.layers) == 9  # conv, relu, pool, PQ conv, relu, pool, PQ FC, relu, FC
+    kinds = [layer[0] for layer in direct._run.net.layers]  # conv+relu, pool, PQ conv+relu, pool, PQ FC+relu, FC
+    assert kinds == [native_net.CONV, native_net.MAXPOOL, native_net.PQCONV, native_net.MAXPOOL, native_net.PQGEMM,
+                     native_net.GEMM]
     segments = load_runtime("qcnn", SHIPPED, mode="segments")
     assert not hasattr(segments._run, "net")
     y_net, y_seg = direct.predict(held_out), segments.predict(held_out)

@@ -24,6 +24,7 @@ from edge_workers.qcnn import fastscan
 logger = logging.getLogger(__name__)
 
 CONV, PQCONV, PQGEMM, GEMM, RELU, MAXPOOL = range(1, 7)  # layer kinds of native/net.h
+FUSES_RELU = (CONV, PQCONV, PQGEMM, GEMM)  # a ReLU after these is their relu flag, not a layer of its own
 GEOMETRY = ("N", "C", "H", "W", "M", "K", "dsub", "Mg", "Mp", "C_out", "group", "kh", "kw", "sh", "sw",
             "pt", "pl", "pb", "pr", "dh", "dw", "OH", "OW")  # the sizes tuple, as conv()'s
 
@@ -67,6 +68,8 @@ def _const(consts: dict, name: str, node) -> np.ndarray:
 def plan(model, pq_layers: dict, input_dims) -> tuple[list, tuple[int, ...]]:
     """(layers for ``net_new``, per-sample output shape) of an ONNX graph; raises Unsupported.
 
+    A layer is (kind, sizes, arrays) or (kind, sizes, arrays, True) when a ReLU follows it.
+
     pq_layers: PQ node output name -> the prepared layer of each PQ node (``fastscan.FastScanConv``/``FastScanGemm``).
     input_dims: per-sample input shape, e.g. (1, 28, 28).
     """
@@ -84,7 +87,10 @@ def plan(model, pq_layers: dict, input_dims) -> tuple[list, tuple[int, ...]]:
         if not node.input or node.input[0] != cur:
             raise Unsupported(f"node {node.name!r} ({op}) does not read the previous layer's output {cur!r}")
         if op == "Relu":
-            layers.append((RELU, _sizes(C=math.prod(shape)), ()))
+            if layers and layers[-1][0] in FUSES_RELU and len(layers[-1]) == 3:
+                layers[-1] = (*layers[-1], True)  # the layer's relu flag: applied while its output is hot
+            else:
+                layers.append((RELU, _sizes(C=math.prod(shape)), ()))
         elif op == "Flatten":
             if a.get("axis", 1) != 1:
                 raise Unsupported(f"node {node.name!r} (Flatten): axis {a['axis']}")

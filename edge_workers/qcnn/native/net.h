@@ -16,7 +16,9 @@
  *   NET_GEMM     float FC, C inputs: w float32 [C_out, C], b float32 [C_out]
  *   NET_RELU     max(x, 0) over C*H*W values
  *   NET_MAXPOOL  max over kh x kw windows (strides, pads; padding never wins), C channels
- * A flatten between layers needs no work: activations are contiguous [C, H, W] per sample.
+ * A flatten between layers needs no work: activations are contiguous [C, H, W] per sample. A ReLU right after a
+ * CONV, PQCONV, PQGEMM or GEMM layer is that layer's `relu` flag instead: applied to its output while it is in
+ * registers (CONV) or still in the L1 cache.
  */
 #ifndef EDGEQ_FASTSCAN_NET_H
 #define EDGEQ_FASTSCAN_NET_H
@@ -34,7 +36,7 @@ enum { NET_CONV = 1, NET_PQCONV, NET_PQGEMM, NET_GEMM, NET_RELU, NET_MAXPOOL };
 #endif
 
 typedef struct {
-    int kind;
+    int kind, relu;                 /* relu: max(y, 0) on this layer's output */
     conv_t c;                       /* geometry (conv_t field meanings; FC: C inputs, C_out outputs) */
     Py_ssize_t in_size, out_size;   /* floats per sample */
     Py_buffer arrays[NET_MAX_ARRAYS];
@@ -66,33 +68,39 @@ static void net_span(Py_ssize_t iw0, Py_ssize_t sw, Py_ssize_t W, Py_ssize_t OW,
 }
 
 /* cols [C*kh*kw, OH*OW]: the input values each kernel tap sees at each output position (0 in the padding). */
-static void net_im2col(const conv_t *c, const float *x, float *cols) {
+NET_CLONES static void net_im2col(const conv_t *c, const float *x, float *cols) {
     Py_ssize_t P = c->OH * c->OW;
     for (Py_ssize_t ch = 0, k = 0; ch < c->C; ch++)
         for (Py_ssize_t a = 0; a < c->kh; a++)
-            for (Py_ssize_t bb = 0; bb < c->kw; bb++, k++)
+            for (Py_ssize_t bb = 0; bb < c->kw; bb++, k++) {
+                Py_ssize_t iw0 = bb * c->dw - c->pl, lo, hi; /* output columns [lo, hi) read inside a row */
+                net_span(iw0, c->sw, c->W, c->OW, &lo, &hi);
                 for (Py_ssize_t oh = 0; oh < c->OH; oh++) {
                     float *col = cols + k * P + oh * c->OW;
-                    Py_ssize_t ih = oh * c->sh + a * c->dh - c->pt, iw0 = bb * c->dw - c->pl;
+                    Py_ssize_t ih = oh * c->sh + a * c->dh - c->pt;
                     if (ih < 0 || ih >= c->H) {
-                        memset(col, 0, sizeof(float) * (size_t)c->OW);
+                        for (Py_ssize_t ow = 0; ow < c->OW; ow++) col[ow] = 0.0f;
                         continue;
                     }
-                    const float *row = x + (ch * c->H + ih) * c->W;
-                    Py_ssize_t lo, hi; /* output columns [lo, hi) read inside the row */
-                    net_span(iw0, c->sw, c->W, c->OW, &lo, &hi);
+                    const float *row = x + (ch * c->H + ih) * c->W + iw0;
                     for (Py_ssize_t ow = 0; ow < lo; ow++) col[ow] = 0.0f;
-                    if (c->sw == 1)
-                        memcpy(col + lo, row + iw0 + lo, sizeof(float) * (size_t)(hi - lo));
+                    if (c->sw == 1) /* a short span: an inline (vectorized) loop beats a memcpy call */
+                        for (Py_ssize_t ow = lo; ow < hi; ow++) col[ow] = row[ow];
                     else
-                        for (Py_ssize_t ow = lo; ow < hi; ow++) col[ow] = row[iw0 + ow * c->sw];
+                        for (Py_ssize_t ow = lo; ow < hi; ow++) col[ow] = row[ow * c->sw];
                     for (Py_ssize_t ow = hi; ow < c->OW; ow++) col[ow] = 0.0f;
                 }
+            }
 }
 
 typedef float net_v8 __attribute__((vector_size(32))); /* GCC/clang vector: one AVX register, or two SSE */
-
+typedef int32_t net_i8 __attribute__((vector_size(32)));
 #define NET_LOAD8(p) ({ net_v8 v_; memcpy(&v_, (p), sizeof v_); v_; }) /* unaligned load */
+#define NET_RELU8(v) ((v) = (net_v8)((net_i8)(v) & (net_i8)((v) > 0.0f))) /* lanes <= 0 (or NaN) -> +0 */
+
+NET_CLONES static void net_relu(const float *x, float *y, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
 
 /* One output channel's positions [i0, P) one at a time (what the tiles leave over). */
 static void net_conv_rest(const float *cols, Py_ssize_t P, Py_ssize_t KK, Py_ssize_t i0, const float *wo, float bo,
@@ -108,29 +116,37 @@ static void net_conv_rest(const float *cols, Py_ssize_t P, Py_ssize_t KK, Py_ssi
  * Tiles of 32 positions x 2 output channels keep their eight 8-wide sums in registers over the whole k loop
  * (each loaded column vector feeds two multiply-adds); the outer loop over position tiles keeps one tile of
  * columns in the L1 cache while every channel pair reads it. */
-NET_CLONES static void net_conv(const conv_t *c, const float *x, const float *w, const float *b, float *cols,
-                                float *y) {
+NET_CLONES static void net_conv(const conv_t *c, const float *x, const float *w, const float *b, int relu,
+                                float *cols, float *y) {
     Py_ssize_t P = c->OH * c->OW, KK = c->C * c->kh * c->kw, i0 = 0, pairs = c->C_out / 2;
     net_im2col(c, x, cols);
     for (; i0 + 32 <= P; i0 += 32)
         for (Py_ssize_t o = 0; o < 2 * pairs; o += 2) {
             const float *w0 = w + o * KK, *w1 = w0 + KK;
-            net_v8 a0 = {0}, a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            const net_v8 zero = {0};
+            net_v8 a0 = zero, a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             for (Py_ssize_t k = 0; k < KK; k++) {
                 const float *col = cols + k * P + i0;
                 net_v8 c0 = NET_LOAD8(col), c1 = NET_LOAD8(col + 8), c2 = NET_LOAD8(col + 16),
-                       c3 = NET_LOAD8(col + 24), u = a0 * 0.0f + w0[k], v = a0 * 0.0f + w1[k];
+                       c3 = NET_LOAD8(col + 24), u = zero + w0[k], v = zero + w1[k]; /* broadcasts */
                 a0 += u * c0; a1 += u * c1; a2 += u * c2; a3 += u * c3;
                 b0 += v * c0; b1 += v * c1; b2 += v * c2; b3 += v * c3;
             }
             float *y0 = y + o * P + i0, *y1 = y0 + P;
             a0 += b[o]; a1 += b[o]; a2 += b[o]; a3 += b[o];
             b0 += b[o + 1]; b1 += b[o + 1]; b2 += b[o + 1]; b3 += b[o + 1];
+            if (relu) {
+                NET_RELU8(a0); NET_RELU8(a1); NET_RELU8(a2); NET_RELU8(a3);
+                NET_RELU8(b0); NET_RELU8(b1); NET_RELU8(b2); NET_RELU8(b3);
+            }
             memcpy(y0, &a0, 32); memcpy(y0 + 8, &a1, 32); memcpy(y0 + 16, &a2, 32); memcpy(y0 + 24, &a3, 32);
             memcpy(y1, &b0, 32); memcpy(y1 + 8, &b1, 32); memcpy(y1 + 16, &b2, 32); memcpy(y1 + 24, &b3, 32);
         }
-    for (Py_ssize_t o = 0; o < c->C_out; o++) /* positions the tiles left over; an odd last channel */
-        net_conv_rest(cols, P, KK, o < 2 * pairs ? i0 : 0, w + o * KK, b[o], y + o * P);
+    for (Py_ssize_t o = 0; o < c->C_out; o++) { /* positions the tiles left over; an odd last channel */
+        Py_ssize_t from = o < 2 * pairs ? i0 : 0;
+        net_conv_rest(cols, P, KK, from, w + o * KK, b[o], y + o * P);
+        if (relu) net_relu(y + o * P + from, y + o * P + from, P - from);
+    }
 }
 
 NET_CLONES static void net_gemm(const float *x, Py_ssize_t C, const float *w, const float *b, Py_ssize_t C_out,
@@ -243,17 +259,16 @@ static int net_run(const path_t *p, const net_t *net, const float *x, Py_ssize_t
             const net_op_t *op = &net->ops[i];
             float *out = i == net->n_ops - 1 ? y + n * net->out_size : ws.act[i % 2];
             switch (op->kind) {
-            case NET_CONV: net_conv(&op->c, in, fbuf(op, 0), fbuf(op, 1), ws.cols, out); break;
+            case NET_CONV: net_conv(&op->c, in, fbuf(op, 0), fbuf(op, 1), op->relu, ws.cols, out); break;
             case NET_PQCONV:
                 conv_sample(p, &op->c, &ws.conv[i], in, fbuf(op, 0), op->arrays[1].buf, fbuf(op, 2), out);
                 break;
             case NET_PQGEMM: net_pqgemm(p, op, in, ws.lut, ws.q, out); break;
             case NET_GEMM: net_gemm(in, op->c.C, fbuf(op, 0), fbuf(op, 1), op->c.C_out, out); break;
-            case NET_RELU:
-                for (Py_ssize_t k = 0; k < op->in_size; k++) out[k] = in[k] > 0.0f ? in[k] : 0.0f;
-                break;
+            case NET_RELU: net_relu(in, out, op->in_size); break;
             case NET_MAXPOOL: net_maxpool(&op->c, in, ws.cols, out); break;
             }
+            if (op->relu && op->kind != NET_CONV) net_relu(out, out, op->out_size); /* conv: in registers */
             in = out;
         }
     }
@@ -340,8 +355,9 @@ static int net_op_check(net_op_t *op, Py_ssize_t index) {
 
 PyDoc_STRVAR(net_new_doc,
              "net_new(layers) -> net (a capsule)\n"
-             "layers: sequence of (kind, sizes, arrays); sizes as conv()'s 23-tuple (N ignored), arrays a tuple of\n"
-             "up to 3 contiguous buffers (kept referenced by the net). See net.h for the kinds.");
+             "layers: sequence of (kind, sizes, arrays[, relu]); sizes as conv()'s 23-tuple (N ignored), arrays a\n"
+             "tuple of up to 3 contiguous buffers (kept referenced by the net), relu: max(y, 0) on the layer's\n"
+             "output. See net.h for the kinds.");
 
 static PyObject *py_net_new(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *layers;
@@ -363,10 +379,10 @@ static PyObject *py_net_new(PyObject *Py_UNUSED(self), PyObject *args) {
         net_op_t *op = &net->ops[i];
         conv_t *c = &op->c;
         PyObject *arrays;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "i(nnnnnnnnnnnnnnnnnnnnnnn)O!", &op->kind, &c->N,
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "i(nnnnnnnnnnnnnnnnnnnnnnn)O!|p", &op->kind, &c->N,
                               &c->C, &c->H, &c->W, &c->M, &c->K, &c->dsub, &c->Mg, &c->Mp, &c->C_out, &c->group,
                               &c->kh, &c->kw, &c->sh, &c->sw, &c->pt, &c->pl, &c->pb, &c->pr, &c->dh, &c->dw, &c->OH,
-                              &c->OW, &PyTuple_Type, &arrays))
+                              &c->OW, &PyTuple_Type, &arrays, &op->relu))
             goto fail;
         net->n_ops = i + 1; /* from here on net_free releases this layer's buffers */
         if (PyTuple_GET_SIZE(arrays) > NET_MAX_ARRAYS) {
