@@ -100,11 +100,12 @@ typedef struct {
     float *mins;     /* [P * M] row minima */
     float *rowsum;   /* [P * group] sum of the minima of a group's rows at one position */
     uint8_t *q;      /* [P * M, 16] quantized tables */
+    double *hsum;    /* [Hp * OW * group] rowsum summed over the kw taps of a kernel row at output column ow */
     uint8_t *gathered; /* [Mp, 16] the tables of one output position and group, tap-major */
 } conv_buf_t;
 
 static void conv_free(conv_buf_t *w) {
-    free(w->lut); free(w->mins); free(w->rowsum); free(w->q); free(w->gathered);
+    free(w->lut); free(w->mins); free(w->rowsum); free(w->hsum); free(w->q); free(w->gathered);
 }
 
 static int conv_alloc(const conv_t *c, conv_buf_t *w) {
@@ -112,9 +113,10 @@ static int conv_alloc(const conv_t *c, conv_buf_t *w) {
     w->lut = calloc(P * M * 16, sizeof(float));
     w->mins = calloc(P * M, sizeof(float));
     w->rowsum = calloc(P * (size_t)c->group, sizeof(float));
+    w->hsum = malloc(sizeof(double) * (size_t)((c->H + c->pt + c->pb) * c->OW * c->group));
     w->q = malloc(P * M * 16);
     w->gathered = calloc((size_t)c->Mp * 16, 1);
-    if (!w->lut || !w->mins || !w->rowsum || !w->q || !w->gathered) {
+    if (!w->lut || !w->mins || !w->rowsum || !w->hsum || !w->q || !w->gathered) {
         conv_free(w);
         return -1;
     }
@@ -141,6 +143,14 @@ static void conv_sample(const path_t *p, const conv_t *c, conv_buf_t *wb, const 
         }
     float s = scale_for(widest);
     p->quantize(wb->lut, wb->mins, P * M, 1.0f / s, wb->q);
+    /* Offsets in two passes: along each kernel row once per input row, then over the kh rows per output. */
+    for (Py_ssize_t h = 0; h < c->H + c->pt + c->pb; h++)
+        for (Py_ssize_t ow = 0; ow < c->OW; ow++)
+            for (Py_ssize_t g = 0; g < G; g++) {
+                double off = 0.0;
+                for (Py_ssize_t b = 0; b < c->kw; b++) off += wb->rowsum[(h * Wp + ow * c->sw + b * c->dw) * G + g];
+                wb->hsum[(h * c->OW + ow) * G + g] = off;
+            }
     Py_ssize_t Cog = c->C_out / G, nblk = (Cog + FS_BLOCK - 1) / FS_BLOCK, OP = c->OH * c->OW;
     size_t tap_bytes = (size_t)(Mg * 16), row_bytes = (size_t)(c->kw * M * 16);
     int whole_rows = G == 1 && c->dw == 1; /* then a kernel row's tables are contiguous */
@@ -153,13 +163,14 @@ static void conv_sample(const path_t *p, const conv_t *c, conv_buf_t *wb, const 
                 for (Py_ssize_t a = 0; a < c->kh; a++) {
                     Py_ssize_t pos0 = (oh * c->sh + a * c->dh) * Wp + ow * c->sw;
                     if (whole_rows) { /* the kw taps of row a are kw consecutive positions: one copy */
-                        memcpy(dst, wb->q + pos0 * M * 16, row_bytes);
+                        const uint8_t *src = wb->q + pos0 * M * 16;
+                        for (size_t i = 0; i < row_bytes; i += 16) memcpy(dst + i, src + i, 16); /* inline moves */
                         dst += row_bytes;
                     } else {
                         for (Py_ssize_t b = 0; b < c->kw; b++, dst += tap_bytes)
                             memcpy(dst, wb->q + ((pos0 + b * c->dw) * M + g * Mg) * 16, tap_bytes);
                     }
-                    for (Py_ssize_t b = 0; b < c->kw; b++) off += wb->rowsum[(pos0 + b * c->dw) * G + g];
+                    off += wb->hsum[((oh * c->sh + a * c->dh) * c->OW + ow) * G + g];
                 }
                 float *yo = yn + g * Cog * OP + oh * c->OW + ow;
                 const float *bo = bias + g * Cog;
