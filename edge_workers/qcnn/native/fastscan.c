@@ -198,6 +198,12 @@ static void release(Py_buffer *bufs, int n) {
         if (bufs[i].obj) PyBuffer_Release(&bufs[i]);
 }
 
+/* The end of a kernel call that ran: releases its buffers; None, or MemoryError if the kernel (rc -1) ran out. */
+static PyObject *finish(int rc, Py_buffer *bufs, int n) {
+    release(bufs, n);
+    return rc ? PyErr_NoMemory() : Py_NewRef(Py_None);
+}
+
 PyDoc_STRVAR(fc_doc,
              "fc(x, cbt, codes, bias, y, N, M, Mp, K, dsub, C_out, path='', lut=None, scales=None)\n"
              "y float32 [N, C_out] (written) = the PQ FC layer of x float32 [N, M*dsub]; cbt float32 [M, dsub, 16]\n"
@@ -215,7 +221,6 @@ static PyObject *py_fc(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) 
                                      &M, &Mp, &K, &dsub, &C_out, &path, &b[5], &b[6]))
         return NULL;
     const path_t *p = find_path(path);
-    PyObject *res = NULL;
     if (!p) goto done;
     if (N < 0 || M < 1 || Mp < M || Mp % 4 || K < 1 || K > 16 || dsub < 1 || C_out < 1) {
         PyErr_Format(PyExc_ValueError, "bad FC sizes N=%zd M=%zd Mp=%zd K=%zd dsub=%zd C_out=%zd", N, M, Mp, K, dsub,
@@ -232,14 +237,10 @@ static PyObject *py_fc(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) 
     rc = fc_run(p, b[0].buf, N, b[1].buf, b[2].buf, b[3].buf, M, Mp, dsub, C_out, b[4].buf,
                 b[5].obj ? b[5].buf : NULL, b[6].obj ? b[6].buf : NULL);
     Py_END_ALLOW_THREADS
-    if (rc) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    res = Py_NewRef(Py_None);
+    return finish(rc, b, 7);
 done:
     release(b, 7);
-    return res;
+    return NULL;
 }
 
 PyDoc_STRVAR(conv_doc,
@@ -257,7 +258,6 @@ static PyObject *py_conv(PyObject *Py_UNUSED(self), PyObject *args) {
                           &c.sw, &c.pt, &c.pl, &c.pb, &c.pr, &c.dh, &c.dw, &c.OH, &c.OW, &path))
         return NULL;
     const path_t *p = find_path(path);
-    PyObject *res = NULL;
     if (!p) goto done;
     Py_ssize_t S = c.kh * c.kw;
     if (c.N < 0 || c.group < 1 || c.M != c.group * c.Mg || c.C != c.M * c.dsub || c.K < 1 || c.K > 16 ||
@@ -281,14 +281,10 @@ static PyObject *py_conv(PyObject *Py_UNUSED(self), PyObject *args) {
                     (float *)b[4].buf + n * ys);
     conv_free(&wb);
     Py_END_ALLOW_THREADS
-    if (rc) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    res = Py_NewRef(Py_None);
+    return finish(rc, b, 5);
 done:
     release(b, 5);
-    return res;
+    return NULL;
 }
 
 #include "net.h" /* whole-network execution (net_new, net_run) */

@@ -421,7 +421,6 @@ static PyObject *py_net_run(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t N;
     const char *path = "";
     if (!PyArg_ParseTuple(args, "Oy*w*n|s", &capsule, &b[0], &b[1], &N, &path)) return NULL;
-    PyObject *res = NULL;
     const net_t *net = PyCapsule_GetPointer(capsule, NET_CAPSULE);
     const path_t *p = net ? find_path(path) : NULL;
     if (!p) goto done;
@@ -430,14 +429,10 @@ static PyObject *py_net_run(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = net_run(p, net, b[0].buf, N, b[1].buf);
     Py_END_ALLOW_THREADS
-    if (rc) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    res = Py_NewRef(Py_None);
+    return finish(rc, b, 2);
 done:
     release(b, 2);
-    return res;
+    return NULL;
 }
 
 #endif /* EDGEQ_FASTSCAN_NET_H */
