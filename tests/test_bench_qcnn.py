@@ -21,7 +21,7 @@ from infra.bench.models import (
     relative_error,
 )
 from infra.bench.report import Table, write_markdown
-from infra.bench.timing import measure_latency
+from infra.bench.timing import measure_interleaved, measure_latency
 from infra.cli import build_parser, cmd_bench
 from publishers.datasets import load_mnist
 
@@ -66,6 +66,17 @@ def test_measure_latency_reports_positive_median_and_p90():
     lat = measure_latency(lambda: sum(range(1000)), repeats=30, warmup=2)
     assert lat.runs == 30
     assert 0 < lat.median_ms <= lat.p90_ms
+
+
+def test_measure_interleaved_alternates_blocks_and_keeps_each_budget():
+    order = []
+    fns = {"fast": lambda: order.append("fast"), "slow": lambda: (order.append("slow"), time.sleep(0.01))}
+    lats = measure_interleaved(fns, repeats=25, block=10, warmup=1, min_repeats=3, max_seconds=0.05)
+    assert lats["fast"].runs == 25 and 3 <= lats["slow"].runs <= 10  # slow: stopped by its 50 ms budget
+    assert order[2:12] == ["fast"] * 10 and order[12] == "slow"  # after the 2 warm-up calls: blocks of 10
+    assert lats["slow"].median_ms >= 10 > lats["fast"].median_ms
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        measure_interleaved(fns, repeats=5, block=0)
 
 
 def test_measure_latency_stops_at_time_budget():

@@ -28,7 +28,7 @@ import numpy as np
 from infra.bench.qcnn_tables import layer_table, targets_table, wide_note
 from infra.bench.report import Table, machine_info, usable_cores, write_markdown
 from infra.bench.sweep import SweepPoint, plot_sweep, sweep_table
-from infra.bench.timing import Latency, measure_latency
+from infra.bench.timing import Latency, measure_interleaved
 
 Progress = Callable[[str], None]
 
@@ -224,12 +224,14 @@ def time_variants(case: Case, cfg: QcnnBenchConfig, progress: Progress) -> None:
     for batch in BATCHES:
         x = np.ascontiguousarray(np.resize(case.x_eval, (batch, *case.x_eval.shape[1:])))
         for threads in cfg.threads:
+            calls = {}
             for v in case.variants:
                 rt = load_runtime(v.key, v.path, threads=threads, **v.options)  # a fresh runtime: its own pools
                 rt.warmup()
-                v.latency[batch, threads] = lat = measure_latency(
-                    functools.partial(rt.predict, x), cfg.repeats, warmup=3, max_seconds=cfg.max_seconds
-                )
+                calls[v.name] = functools.partial(rt.predict, x)
+            lats = measure_interleaved(calls, cfg.repeats, warmup=3, max_seconds=cfg.max_seconds)
+            for v in case.variants:
+                v.latency[batch, threads] = lat = lats[v.name]
                 progress(f"[bench qcnn] {case.name} / {v.name}: batch {batch}, {threads} thread(s): "
                          f"median {lat.median_ms:.3f} ms over {lat.runs} runs")
 
@@ -375,7 +377,9 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         "(onnxruntime's CPU guidance).",
         f"Latency: {cfg.repeats} timed calls per cell after 3 warm-up calls (fewer if a cell passed "
         f"{cfg.max_seconds:g} s; see runs), threads pinned via SessionOptions.intra_op_num_threads and the "
-        "Q-CNN runtime's threads option. Timings come from a shared machine and are noisy.",
+        "Q-CNN runtime's threads option. The variants of one model, batch and thread count are timed in "
+        "alternating blocks of 10 calls (infra/bench/timing.py: measure_interleaved), so drifts in the speed of "
+        "this shared VM hit them alike; the absolute figures still move from run to run, the ratios less.",
         f"Wall time of this run: {time.perf_counter() - t_start:.0f} s.",
     ]
     write_markdown(out_dir / "qcnn.md", "Q-CNN vs float and int8 onnxruntime", tables, machine, command,
