@@ -99,15 +99,18 @@ def _kill(handles: list) -> None:
 
 
 def thread_env(threads: int) -> dict:
-    """Ray runtime_env pinning the BLAS/OpenMP pools of an actor's process to `threads`, and its log level.
+    """Ray runtime_env of an edgeq actor: BLAS/OpenMP pools pinned to `threads`, normal CPU priority, log level.
 
     Measured: with OpenBLAS's default two threads on a busy 2-core machine the
     denoiser's small matmuls spin (a batch of 8 frames took 32 ms instead of 1.6 ms).
+    Ray starts worker processes at nice 15 (`RAY_worker_niceness`), below the
+    broker and the devices' processes on the same node; the workers are the
+    latency-critical service here, so they run at nice 0 like the rest.
     """
     n = str(max(1, threads))
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())  # the driver's --log-level
     return {"env_vars": {"OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n,
-                         "OMP_WAIT_POLICY": "PASSIVE", "EDGEQ_LOG_LEVEL": level}}
+                         "OMP_WAIT_POLICY": "PASSIVE", "RAY_worker_niceness": "0", "EDGEQ_LOG_LEVEL": level}}
 
 
 def _check_models(directory: str, files: list[str], section: str) -> None:

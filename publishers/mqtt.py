@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import select
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +138,12 @@ def start(client: mqtt.Client, cfg: MqttConfig) -> None:
     Non-blocking: paho keeps retrying with backoff while the broker is down,
     so a device may boot before its broker.
     """
+    connect_async(client, cfg)
+    client.loop_start()
+
+
+def connect_async(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """Set the broker address and session options; the connection is made by whichever loop runs the client."""
     persistent = bool(client.user_data_get()["persistent"])
     if cfg.protocol == "5":
         props = None
@@ -146,5 +154,80 @@ def start(client: mqtt.Client, cfg: MqttConfig) -> None:
         client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=clean, properties=props)
     else:
         client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
-    client.loop_start()
     logger.debug("connecting to %s (MQTT %s, persistent=%s)", cfg.address, cfg.protocol, persistent)
+
+
+class DrivenLoop:
+    """paho's network loop run by the caller's own thread instead of `loop_start()`'s.
+
+    Why: in a process whose consumer thread is busy with Python code, paho's
+    network thread needs the GIL for every socket call (a frame takes four
+    `recv` calls), and each time it may wait up to a switch interval (5 ms)
+    for it, with every publish and ack from the consumer waking it on top
+    (issue 7). Driven from the consumer thread, reads happen when the consumer
+    asks for input, and `publish`/`ack` write to the socket directly (paho
+    does so when no loop thread runs).
+
+    Every call to the client must come from the driving thread. Reconnects
+    after a lost connection with the same exponential backoff as paho's loop
+    (`reconnect_min_s` .. `reconnect_max_s`); callbacks (`on_connect`, ...) run
+    inside `poll`.
+    """
+
+    def __init__(self, client: mqtt.Client, cfg: MqttConfig) -> None:
+        self.client, self.cfg = client, cfg
+        connect_async(client, cfg)
+        self._retry_at = 0.0  # monotonic time of the next connection attempt
+        self._delay = 0.0     # the last backoff; 0 once connected
+
+    def poll(self, timeout: float, read: bool = True) -> bool:
+        """Connect if due, write what is queued, wait up to `timeout` s for input and read one packet of it
+        (if `read`), send keepalives. `read=False` leaves input in the socket (TCP then pushes back on
+        the broker). Returns whether it read."""
+        client = self.client
+        sock = client.socket()
+        if sock is None or sock.fileno() < 0:
+            sock = self._connect(timeout)
+            if sock is None:
+                return False
+        pending = read and hasattr(sock, "pending") and sock.pending()  # TLS: already decrypted bytes
+        try:
+            readable, writable, _ = select.select([sock] if read else [], [sock] if client.want_write() else [],
+                                                  [], 0.0 if pending else timeout)
+        except (OSError, ValueError):  # the socket was closed under us: reconnect on the next call
+            sock.close()
+            return False
+        if readable or pending:
+            self._read_packet()
+        if writable and client.socket() is not None:
+            client.loop_write()
+        client.loop_misc()
+        if client.is_connected():
+            self._delay = 0.0
+        return bool(readable or pending)
+
+    def _read_packet(self) -> None:
+        """Read one MQTT packet (or the part of it that has arrived).
+
+        paho's `loop_read()` reads up to (outgoing QoS 1 messages awaiting their PUBACK + 1) packets
+        per call, so a consumer publishing a result per frame could not bound what one read takes;
+        this is that loop's body for a single packet (paho 2.x internals; pyproject pins paho < 3).
+        """
+        rc = self.client._packet_read()
+        if rc > 0:  # a lost connection or a protocol error: paho closes the socket and calls on_disconnect
+            self.client._loop_rc_handle(rc)
+
+    def _connect(self, timeout: float):  # -> the new socket or None
+        now = time.monotonic()
+        if now < self._retry_at:
+            time.sleep(min(timeout, self._retry_at - now))
+            return None
+        # The next attempt waits this long unless this connection gets its CONNACK (a refused one backs off too).
+        self._delay = min(max(2 * self._delay, self.cfg.reconnect_min_s), self.cfg.reconnect_max_s)
+        self._retry_at = now + self._delay
+        try:
+            self.client.reconnect()  # blocking TCP (and TLS) connect; the CONNACK is read by a later poll
+        except OSError as err:
+            logger.debug("connecting to %s failed (%s); next try in %.2fs", self.cfg.address, err, self._delay)
+            return None
+        return self.client.socket()

@@ -9,10 +9,11 @@ import dataclasses
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from cloud_workers.config import CloudConfig, RayConfig
 from edge_workers.config import EdgeConfig
-from edge_workers.ingest import Subscriber
+from edge_workers.ingest import DrivenSubscriber, Subscriber
 from infra import cluster
 from infra.chaos import ChaosConfig, RssSampler, broker_pid, process_rss, run_chaos
 from infra.collector import ResultCollector
@@ -35,11 +36,16 @@ def _publisher(mqtt_cfg, client_id: str) -> mqtt.Client:
     return client
 
 
-def test_unacked_frames_come_back_to_the_same_client_id_and_acked_ones_do_not(broker, mqtt_cfg) -> None:
-    """The mechanism the edge relies on: manual ack + persistent session (Mosquitto 2.0.11, MQTT 3.1.1)."""
+@pytest.mark.parametrize("kind", [Subscriber, DrivenSubscriber])
+def test_unacked_frames_come_back_to_the_same_client_id_and_acked_ones_do_not(broker, mqtt_cfg, kind) -> None:
+    """The mechanism the edge relies on: manual ack + persistent session (Mosquitto 2.0.11, MQTT 3.1.1),
+    with paho's network thread and with the I/O driven by the consumer (the edge worker's way)."""
     group = topics.shared(topics.FRAMES_FILTER, "g")
-    sub = Subscriber(mqtt_cfg, "member-0", group, persistent=True, manual_ack=True).start()
-    sub.wait_subscribed()
+    sub = kind(mqtt_cfg, "member-0", group, persistent=True, manual_ack=True).start()
+    deadline = time.monotonic() + 10
+    while not sub.subacks and time.monotonic() < deadline:  # a DrivenSubscriber connects inside get_batch
+        sub.get_batch(1, 0.05)
+    assert sub.subacks
     pub = _publisher(mqtt_cfg, "ack-pub")
     try:
         for i in range(10):
@@ -50,7 +56,7 @@ def test_unacked_frames_come_back_to_the_same_client_id_and_acked_ones_do_not(br
         time.sleep(0.3)  # the PUBACKs leave before the connection drops
         sub._client.socket().close()  # a crash: no DISCONNECT packet, the session stays
         sub._client.loop_stop()
-        sub = Subscriber(mqtt_cfg, "member-0", group, persistent=True, manual_ack=True).start()
+        sub = kind(mqtt_cfg, "member-0", group, persistent=True, manual_ack=True).start()
         again = collect(sub, 10, timeout=10)
         assert [m.payload for m in first] == [f"m{i}".encode() for i in range(10)]
         assert sorted(m.payload for m in again) == [f"m{i}".encode() for i in range(4, 10)]  # only the unacked
