@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import shlex
 import tempfile
 import time
@@ -153,6 +154,9 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace, progress: Progress) -> str:
     cfg = config_from_args(args)
+    # The variants' timings alternate (measure_interleaved): numba's OpenMP workers must not spin between their
+    # calls, taking a core from the next variant. Read when numba first starts its threads, i.e. later than this.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return run_bench(cfg, progress, command_line(args))
 
 
@@ -229,7 +233,8 @@ def time_variants(case: Case, cfg: QcnnBenchConfig, progress: Progress) -> None:
                 rt = load_runtime(v.key, v.path, threads=threads, **v.options)  # a fresh runtime: its own pools
                 rt.warmup()
                 calls[v.name] = functools.partial(rt.predict, x)
-            lats = measure_interleaved(calls, cfg.repeats, warmup=3, max_seconds=cfg.max_seconds)
+            lats = measure_interleaved(calls, cfg.repeats, block=50, warmup=3, max_seconds=cfg.max_seconds,
+                                       pause_s=0.1)
             for v in case.variants:
                 v.latency[batch, threads] = lat = lats[v.name]
                 progress(f"[bench qcnn] {case.name} / {v.name}: batch {batch}, {threads} thread(s): "
@@ -378,8 +383,10 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         f"Latency: {cfg.repeats} timed calls per cell after 3 warm-up calls (fewer if a cell passed "
         f"{cfg.max_seconds:g} s; see runs), threads pinned via SessionOptions.intra_op_num_threads and the "
         "Q-CNN runtime's threads option. The variants of one model, batch and thread count are timed in "
-        "alternating blocks of 10 calls (infra/bench/timing.py: measure_interleaved), so drifts in the speed of "
-        "this shared VM hit them alike; the absolute figures still move from run to run, the ratios less.",
+        "alternating blocks of 50 calls with 100 ms pauses (infra/bench/timing.py: measure_interleaved), so "
+        "drifts in the speed of this shared VM hit them alike; numba's OpenMP threads wait passively "
+        "(OMP_WAIT_POLICY=PASSIVE) and the pauses let onnxruntime's spinning workers stop, so one variant's "
+        "threads do not take a core from the next. The absolute figures still move from run to run.",
         f"Wall time of this run: {time.perf_counter() - t_start:.0f} s.",
     ]
     write_markdown(out_dir / "qcnn.md", "Q-CNN vs float and int8 onnxruntime", tables, machine, command,
