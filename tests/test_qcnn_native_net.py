@@ -148,6 +148,17 @@ def test_shipped_edge_cnn_runs_as_one_net_and_matches_segments(held_out):
     assert np.array_equal(load_runtime("qcnn", SHIPPED, threads=2).predict(held_out), y_net)
 
 
+def test_two_thread_nets_called_from_many_threads_give_the_same_outputs(held_out):
+    """The C helper thread serves one caller at a time; the others run on their own thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = load_runtime("qcnn", SHIPPED).predict(held_out[:96])
+    two = load_runtime("qcnn", SHIPPED, threads=2)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: two.predict(held_out[:96]), range(24)))
+    assert all(np.array_equal(o, one) for o in outs)
+
+
 def test_every_path_gives_the_same_net_outputs(held_out):
     net = load_runtime("qcnn", SHIPPED)._run.net
     outs = {}

@@ -175,7 +175,7 @@ def _pq_shape(layer, sizes) -> tuple[int, ...]:
 class NativeNet:
     """A planned graph on the C net: ``run(x)`` x float32 [N, *input_dims] -> float32 [N, *out_shape].
 
-    threads > 1 splits a batch into that many slices run in parallel (the C code releases the GIL).
+    threads > 1: a batch is split in two halves, the second run by the C code's helper thread.
     """
 
     def __init__(self, layers: list, out_shape: tuple[int, ...], threads: int = 1, path: str = ""):
@@ -185,11 +185,13 @@ class NativeNet:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         y = np.empty((len(x), *self.out_shape), np.float32)
-        fastscan._split(self._run, x, y, self.threads)
+        self._run(x, y)
         return y
 
     def _run(self, x: np.ndarray, y: np.ndarray) -> None:
-        self._mod.net_run(self._net, x, y, len(x), self.path)
+        # threads > 1: the C code runs half the batch on its own helper thread, which spins between calls (a
+        # Python pool thread sleeps, and waking it cost as much as the split saved on this VM).
+        self._mod.net_run(self._net, x, y, len(x), self.path, min(self.threads, 2))
 
 
 def build(model, pq_layers: dict, input_dims, threads: int = 1) -> NativeNet | None:

@@ -376,7 +376,8 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         "as one native net (edge_workers/qcnn/native_net.py: the float conv, ReLU, pooling and FC layers in C "
         f"too, one call per batch); {SEGMENTS} runs the same PQ kernels with the layers between them as "
         "onnxruntime sessions (the runtime's segments mode). With 2 threads the native rows split a batch in "
-        "two halves.",
+        "two halves (the net: the second half on a C helper thread that spins between calls; segments: a "
+        "Python thread).",
         "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
         "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
         "(onnxruntime's CPU guidance).",

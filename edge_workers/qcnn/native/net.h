@@ -276,6 +276,95 @@ static int net_run(const path_t *p, const net_t *net, const float *x, Py_ssize_t
     return rc;
 }
 
+/* ------------------------------------------------------------------------- a second thread, spinning */
+/* Splitting a batch over two threads pays only if the second one starts at once: a pool thread that
+ * sleeps between calls must be woken, and on a VM waking an idle vCPU cost about as much as the split
+ * saved (edge CNN, batch 32: 1.85 ms on one thread, 1.89 ms split over two Python threads). Like
+ * onnxruntime's workers, this helper spins for a while (NET_SPIN_NS) after each job before it sleeps. */
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#define NET_HELPER 1
+#define NET_SPIN_NS 2000000 /* 2 ms */
+
+static struct {
+    pthread_mutex_t mu;      /* guards sleeping + the condition */
+    pthread_cond_t cv;
+    pthread_mutex_t busy;    /* one caller at a time; others run on their own thread */
+    atomic_int job;          /* 0 none, 1 posted, 2 done */
+    int started, sleeping, rc;
+    const path_t *p;
+    const net_t *net;
+    const float *x;
+    float *y;
+    Py_ssize_t N;
+} net_helper = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER};
+
+static long long net_now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static void *net_helper_main(void *unused) {
+    (void)unused;
+    for (;;) {
+        long long until = net_now_ns() + NET_SPIN_NS;
+        while (atomic_load(&net_helper.job) != 1)
+            if (net_now_ns() > until) { /* nothing came: sleep until a job is posted */
+                pthread_mutex_lock(&net_helper.mu);
+                net_helper.sleeping = 1;
+                while (atomic_load(&net_helper.job) != 1) pthread_cond_wait(&net_helper.cv, &net_helper.mu);
+                net_helper.sleeping = 0;
+                pthread_mutex_unlock(&net_helper.mu);
+            }
+        net_helper.rc = net_run(net_helper.p, net_helper.net, net_helper.x, net_helper.N, net_helper.y);
+        atomic_store(&net_helper.job, 2);
+    }
+    return NULL;
+}
+
+/* In a forked child the helper thread does not exist: start afresh. */
+static void net_helper_forked(void) {
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+    net_helper.mu = fresh, net_helper.busy = fresh, net_helper.cv = cv;
+    net_helper.started = net_helper.sleeping = 0;
+    atomic_store(&net_helper.job, 0);
+}
+
+/* net_run over two halves of the batch, the second on the helper thread; falls back to one thread when
+ * the helper is taken by another caller or cannot be started. */
+static int net_run2(const path_t *p, const net_t *net, const float *x, Py_ssize_t N, float *y) {
+    if (N < 2 || pthread_mutex_trylock(&net_helper.busy)) return net_run(p, net, x, N, y);
+    if (!net_helper.started) {
+        pthread_t th;
+        if (pthread_create(&th, NULL, net_helper_main, NULL)) {
+            pthread_mutex_unlock(&net_helper.busy);
+            return net_run(p, net, x, N, y);
+        }
+        pthread_detach(th);
+        static int registered;
+        if (!registered++) pthread_atfork(NULL, NULL, net_helper_forked);
+        net_helper.started = 1;
+    }
+    Py_ssize_t n1 = N / 2;
+    net_helper.p = p, net_helper.net = net, net_helper.x = x + n1 * net->in_size;
+    net_helper.y = y + n1 * net->out_size, net_helper.N = N - n1;
+    pthread_mutex_lock(&net_helper.mu);
+    atomic_store(&net_helper.job, 1);
+    if (net_helper.sleeping) pthread_cond_signal(&net_helper.cv);
+    pthread_mutex_unlock(&net_helper.mu);
+    int rc = net_run(p, net, x, n1, y);
+    while (atomic_load(&net_helper.job) != 2) { /* the halves take about as long: spin */ }
+    rc |= net_helper.rc;
+    atomic_store(&net_helper.job, 0);
+    pthread_mutex_unlock(&net_helper.busy);
+    return rc;
+}
+#endif
+
 /* ----------------------------------------------------------------------------------- Python glue */
 
 static void net_free(net_t *net) {
@@ -412,22 +501,28 @@ fail:
 }
 
 PyDoc_STRVAR(net_run_doc,
-             "net_run(net, x, y, N, path='')\n"
-             "y float32 [N, out] (written) = the net applied to x float32 [N, in], sample by sample.");
+             "net_run(net, x, y, N, path='', threads=1)\n"
+             "y float32 [N, out] (written) = the net applied to x float32 [N, in], sample by sample;\n"
+             "threads >= 2: the second half of the batch on a helper thread that spins between calls.");
 
 static PyObject *py_net_run(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *capsule;
     Py_buffer b[2] = {{0}};
     Py_ssize_t N;
     const char *path = "";
-    if (!PyArg_ParseTuple(args, "Oy*w*n|s", &capsule, &b[0], &b[1], &N, &path)) return NULL;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "Oy*w*n|si", &capsule, &b[0], &b[1], &N, &path, &threads)) return NULL;
     const net_t *net = PyCapsule_GetPointer(capsule, NET_CAPSULE);
     const path_t *p = net ? find_path(path) : NULL;
     if (!p) goto done;
     if (N < 0 || !need(&b[0], 4 * N * net->in_size, "x") || !need(&b[1], 4 * N * net->out_size, "y")) goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
+#ifdef NET_HELPER
+    rc = threads > 1 ? net_run2(p, net, b[0].buf, N, b[1].buf) : net_run(p, net, b[0].buf, N, b[1].buf);
+#else
     rc = net_run(p, net, b[0].buf, N, b[1].buf);
+#endif
     Py_END_ALLOW_THREADS
     return finish(rc, b, 2);
 done:
