@@ -207,6 +207,14 @@ def test_pipeline_over_tls_with_one_account_per_component(secure: Secure, local_
         assert sent == 200
         assert collector.wait_for(200, 90), f"{collector.answered()} of 200 answered"
         stats = ray.get(edge.handles[0].stats.remote(), timeout=30)
+        # Metrics endpoints bound to loopback by default (EdgeConfig/CloudConfig.metrics_addr); checked while
+        # the actors run (once stopped, their processes may be gone).
+        targets = edge.metrics_targets() + cloud.metrics_targets()
+        assert len(targets) == 2
+        for target in targets:
+            host, port = target.rsplit(":", 1)
+            assert host == "127.0.0.1"
+            assert listening_addresses(int(port)) == {"127.0.0.1"}, target
     finally:
         answers = collector.stop()
         if edge is not None:
@@ -218,13 +226,6 @@ def test_pipeline_over_tls_with_one_account_per_component(secure: Secure, local_
     assert {d for d, _ in answers.unique} == set(DEVICES)
     assert answers.accuracy >= 0.95, answers.accuracy  # clean test frames; observed ~0.99
 
-    # Metrics endpoints bound to loopback by default (EdgeConfig/CloudConfig.metrics_addr).
-    targets = edge.metrics_targets() + cloud.metrics_targets()
-    assert len(targets) == 2
-    for target in targets:
-        host, port = target.rsplit(":", 1)
-        assert host == "127.0.0.1"
-        assert listening_addresses(int(port)) == {"127.0.0.1"}, target
 
     # No secret in any log: this process's records, the broker's log, every Ray log file of this session.
     session_logs = Path(ray._private.worker._global_node.get_logs_dir_path())
