@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from edge_workers.qcnn import fastscan
+from edge_workers.qcnn.kernels import conv_out_size
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,9 @@ def _window(node, a: dict, C: int, H: int, W: int) -> dict:
     sh, sw = a.get("strides", (1, 1))
     dh, dw = a.get("dilations", (1, 1))
     pt, pl, pb, pr = a.get("pads", (0, 0, 0, 0))
-    OH = (H + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    OW = (W + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    return dict(C=C, H=H, W=W, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, pb=pb, pr=pr, dh=dh, dw=dw, OH=OH, OW=OW)
+    OH, OW = conv_out_size(H, kh, sh, pt, pb, dh), conv_out_size(W, kw, sw, pl, pr, dw)
+    return {"C": C, "H": H, "W": W, "kh": kh, "kw": kw, "sh": sh, "sw": sw, "pt": pt, "pl": pl, "pb": pb, "pr": pr,
+            "dh": dh, "dw": dw, "OH": OH, "OW": OW}
 
 
 def _const(consts: dict, name: str, node) -> np.ndarray:
@@ -159,8 +160,7 @@ def _pq(node, layer, shape) -> tuple:
         raise Unsupported(f"node {node.name!r} (PQConv): input {shape}, expected {layer.M * layer.dsub} channels")
     C, H, W = shape
     (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = layer.kernel, layer.strides, layer.dilations, layer.pads
-    OH = (H + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    OW = (W + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    OH, OW = layer.out_size(H, W)
     return (PQCONV, _sizes(C=C, H=H, W=W, M=layer.M, K=layer.K, dsub=layer.dsub, Mg=layer.Mg, Mp=layer.Mp,
                            C_out=layer.C_out, group=layer.group, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, pb=pb,
                            pr=pr, dh=dh, dw=dw, OH=OH, OW=OW), arrays)
