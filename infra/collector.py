@@ -2,7 +2,8 @@
 
 Used by `edgeq demo`, the benchmarks and the end-to-end tests, as a user's
 application would consume results: a plain MQTT subscriber on
-edgeq/v1/results/+.
+edgeq/v1/results/+. One message holds one or several results of one device
+(`results.decode_all`); counters below say whether they count messages or results.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ from publishers.mqtt import MqttConfig
 
 @dataclass
 class ResultStats:
-    """Everything counted from result messages; `unique` is keyed by (device, seq)."""
+    """Everything counted from result messages; `unique` is keyed by (device, seq).
+
+    messages, bad_messages, bytes: MQTT messages received, those that were not a valid result message (counted
+    once however many results they held), and their payload bytes. result_count: results in the valid messages
+    (duplicates included). The other counters count unique results (the first answer of a frame).
+    """
 
     messages: int = 0
     bad_messages: int = 0
     bytes: int = 0
+    result_count: int = 0
     unique: dict[tuple[str, int], results.Result] = field(default_factory=dict)
     tiers: collections.Counter = field(default_factory=collections.Counter)
     degraded: int = 0
@@ -38,7 +45,8 @@ class ResultStats:
 
     @property
     def duplicates(self) -> int:
-        return self.messages - self.bad_messages - len(self.unique)
+        """Results for a frame that was already answered (a redelivered frame answered twice)."""
+        return self.result_count - len(self.unique)
 
     @property
     def accuracy(self) -> float | None:
@@ -52,25 +60,28 @@ class ResultStats:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
     def add(self, payload: bytes) -> None:
+        """Count one MQTT message of the results topic (one result or a batch of one device's results)."""
         self.messages += 1
         self.bytes += len(payload)
         try:
-            r = results.decode(payload)
+            rs = results.decode_all(payload)
         except results.ResultDecodeError:
             self.bad_messages += 1
             return
-        key = (r.device, r.seq)
-        if key in self.unique:
-            return  # a redelivered frame answered twice: counted in `duplicates`
-        self.unique[key] = r
-        self.tiers[r.tier] += 1
-        self.degraded += r.degraded
-        self.latencies_ms.append(r.latency_ms)
-        if r.label is not None:
-            self.labelled += 1
-            if r.cls == r.label:
-                self.correct += 1
-                self.correct_by_tier[r.tier] += 1
+        self.result_count += len(rs)
+        for r in rs:
+            key = (r.device, r.seq)
+            if key in self.unique:
+                continue  # a redelivered frame answered twice: counted in `duplicates`
+            self.unique[key] = r
+            self.tiers[r.tier] += 1
+            self.degraded += r.degraded
+            self.latencies_ms.append(r.latency_ms)
+            if r.label is not None:
+                self.labelled += 1
+                if r.cls == r.label:
+                    self.correct += 1
+                    self.correct_by_tier[r.tier] += 1
 
 
 class ResultCollector:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from edge_workers import results
 from publishers import mqtt as mqttlib
 from publishers import topics, wire
 from publishers.config import PublishConfig
@@ -122,10 +122,11 @@ class Device:
 
     def _on_result(self, client, userdata, message) -> None:  # noqa: ANN001
         try:
-            self._answers.append(int(json.loads(message.payload)["seq"]))
-        except (ValueError, KeyError, TypeError):
+            rs = results.decode_all(message.payload)  # one result or a batch of this device's results
+        except results.ResultDecodeError:
             self.bad_results += 1
             return
+        self._answers.extend(r.seq for r in rs)
         self._wake.set()
 
     def run(self, stop: threading.Event) -> DeviceStats:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -158,64 +161,244 @@ def connect_async(client: mqtt.Client, cfg: MqttConfig) -> None:
 
 
 class DrivenLoop:
-    """paho's network loop run by the caller's own thread instead of `loop_start()`'s.
+    """paho's network loop run by the caller's own thread instead of `loop_start()`'s, with buffered I/O.
 
     Why: in a process whose consumer thread is busy with Python code, paho's
     network thread needs the GIL for every socket call (a frame takes four
     `recv` calls), and each time it may wait up to a switch interval (5 ms)
     for it, with every publish and ack from the consumer waking it on top
     (issue 7). Driven from the consumer thread, reads happen when the consumer
-    asks for input, and `publish`/`ack` write to the socket directly (paho
-    does so when no loop thread runs).
+    asks for input, and `publish`/`ack` write to the socket directly.
+
+    Buffered I/O (issue 7, edge actor at saturation: paho's per-packet reads and
+    PUBLISH handling were 40 % of its time): the socket is read in chunks of up to
+    READ_CHUNK bytes and split into packets here. With `on_publish` set, an
+    incoming QoS 0/1 PUBLISH is parsed here and handed to it as (topic, payload,
+    mid, qos), without paho's message objects; every other packet (CONNACK,
+    SUBACK, PUBACK of our own publishes, PINGRESP, ...) goes to paho's own handler,
+    so paho's session state stays paho's. Writes go through `write()` (paho's
+    packets too): inside `hold_writes()` they are collected and sent with one
+    `send` when it ends; bytes still unsent are sent by later polls, and are
+    discarded if their connection is gone (never sent on a newer one).
 
     Every call to the client must come from the driving thread. Reconnects
     after a lost connection with the same exponential backoff as paho's loop
     (`reconnect_min_s` .. `reconnect_max_s`); callbacks (`on_connect`, ...) run
-    inside `poll`.
+    inside `poll`. Uses paho 2.x internals (`_packet_handle`, `_in_packet`,
+    `_sock_send`, `_loop_rc_handle`); pyproject pins paho < 3.
     """
 
-    def __init__(self, client: mqtt.Client, cfg: MqttConfig) -> None:
-        self.client, self.cfg = client, cfg
+    READ_CHUNK = 65536
+
+    def __init__(self, client: mqtt.Client, cfg: MqttConfig,
+                 on_publish: Callable[[str, bytes, int, int], None] | None = None) -> None:
+        self.client, self.cfg, self.on_publish = client, cfg, on_publish
         connect_async(client, cfg)
         self._retry_at = 0.0  # monotonic time of the next connection attempt
         self._delay = 0.0     # the last backoff; 0 once connected
+        self._in = bytearray()           # bytes read, not yet handled (whole packets are handled at once)
+        self._out = bytearray()          # bytes to send on `_out_sock`
+        self._out_sock = None
+        self._hold = 0
+        self._v5 = cfg.protocol == "5"
+        client._sock_send = self._sock_send  # paho writes every packet through this (instance attribute)
 
-    def poll(self, timeout: float, read: bool = True) -> bool:
-        """Connect if due, write what is queued, wait up to `timeout` s for input and read one packet of it
-        (if `read`), send keepalives. `read=False` leaves input in the socket (TCP then pushes back on
-        the broker). Returns whether it read."""
+    # ------------------------------------------------------------ writing
+
+    def write(self, data: bytes) -> None:
+        """Send raw MQTT bytes on the current connection (after everything written before); nothing when
+        not connected."""
+        sock = self.client.socket()
+        if sock is None:
+            return
+        if sock is not self._out_sock:  # a new connection: what was left for the old one is void
+            self._out.clear()
+            self._out_sock = sock
+        self._out += data
+        if not self._hold:
+            self._flush()
+
+    def _sock_send(self, buf) -> int:  # noqa: ANN001 - paho's Client._sock_send, buffered
+        self.write(buf)
+        return len(buf)
+
+    @contextlib.contextmanager
+    def hold_writes(self):
+        """Collect writes (publishes, acks) until the block ends, then send them with one call."""
+        self._hold += 1
+        try:
+            yield
+        finally:
+            self._hold -= 1
+            if not self._hold:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Send what is buffered without blocking; keep the rest for the next poll."""
+        sock = self._out_sock
+        if not self._out or sock is None:
+            return
+        if sock is not self.client.socket():
+            self._out.clear()
+            return
+        try:
+            sent = sock.send(self._out)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError as err:  # the connection is gone: the next poll reads EOF and reconnects
+            logger.debug("send failed: %s", err)
+            self._out.clear()
+            return
+        del self._out[:sent]
+        with self.client._msgtime_mutex:
+            self.client._last_msg_out = mqtt.time_func()
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written but not yet accepted by the socket."""
+        return len(self._out) if self._out_sock is not None and self._out_sock is self.client.socket() else 0
+
+    # ------------------------------------------------------------ reading
+
+    def poll(self, timeout: float, read: bool = True, room: Callable[[], bool] | None = None) -> bool:
+        """Connect if due, send what is buffered, wait up to `timeout` s for input, read what arrived and
+        handle its whole packets while `room()` (default: always), send keepalives. `read=False` (or no
+        room) leaves input in the socket (TCP then pushes back on the broker). Returns whether it handled
+        a packet."""
         client = self.client
         sock = client.socket()
         if sock is None or sock.fileno() < 0:
             sock = self._connect(timeout)
             if sock is None:
                 return False
+        if client.want_write():
+            client.loop_write()  # paho's queue (e.g. a subscribe from a callback) -> our buffer
+        self._flush()
+        room = room or (lambda: True)
+        handled = False
+        if read and self._in and room() and self._handle(room):
+            handled, timeout = True, 0.0  # buffered packets: handled; look at the socket without waiting
+        # Read only with room left after the buffered packets: the buffer then holds at most one partial
+        # packet, so it never grows past that packet plus one chunk.
+        read = read and room()
         pending = read and hasattr(sock, "pending") and sock.pending()  # TLS: already decrypted bytes
         try:
-            readable, writable, _ = select.select([sock] if read else [], [sock] if client.want_write() else [],
+            readable, writable, _ = select.select([sock] if read else [], [sock] if self.unsent else [],
                                                   [], 0.0 if pending else timeout)
         except (OSError, ValueError):  # the socket was closed under us: reconnect on the next call
             sock.close()
             return False
-        if readable or pending:
-            self._read_packet()
-        if writable and client.socket() is not None:
-            client.loop_write()
-        client.loop_misc()
+        if (readable or pending) and self._fill(sock):
+            handled = self._handle(room) or handled
+        if writable:
+            self._flush()
+        if client.socket() is not None:
+            client.loop_misc()
         if client.is_connected():
             self._delay = 0.0
-        return bool(readable or pending)
+        return handled
 
-    def _read_packet(self) -> None:
-        """Read one MQTT packet (or the part of it that has arrived).
+    def _fill(self, sock) -> bool:  # noqa: ANN001
+        """One `recv` into the input buffer. False on nothing read (or a lost connection, handled)."""
+        try:
+            data = sock.recv(self.READ_CHUNK)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError as err:
+            logger.debug("receive failed: %s", err)
+            data = b""
+        if not data:
+            self._lost(mqtt.MQTT_ERR_CONN_LOST)
+            return False
+        self._in += data
+        with self.client._msgtime_mutex:
+            self.client._last_bytes_received = mqtt.time_func()
+        return True
 
-        paho's `loop_read()` reads up to (outgoing QoS 1 messages awaiting their PUBACK + 1) packets
-        per call, so a consumer publishing a result per frame could not bound what one read takes;
-        this is that loop's body for a single packet (paho 2.x internals; pyproject pins paho < 3).
-        """
-        rc = self.client._packet_read()
-        if rc > 0:  # a lost connection or a protocol error: paho closes the socket and calls on_disconnect
-            self.client._loop_rc_handle(rc)
+    def _lost(self, rc) -> None:  # noqa: ANN001
+        self._in.clear()
+        self._out.clear()
+        self.client._loop_rc_handle(rc)
+
+    def _handle(self, room: Callable[[], bool]) -> bool:
+        """Handle the whole packets at the start of the input buffer while `room()`. Returns whether any was."""
+        buf, pos, end, handled = self._in, 0, len(self._in), False
+        try:
+            while pos < end and room():
+                # fixed header: command byte, remaining length (1-4 bytes, 7 bits each, little end first)
+                length, shift, i = 0, 0, pos + 1
+                while True:
+                    if i >= end:
+                        return handled
+                    byte = buf[i]
+                    length |= (byte & 0x7F) << shift
+                    i += 1
+                    if not byte & 0x80:
+                        break
+                    shift += 7
+                    if shift > 21:
+                        raise MalformedPacket("remaining length longer than 4 bytes")
+                if i + length > end:
+                    return handled
+                command, body = buf[pos], bytes(buf[i:i + length])
+                pos = i + length
+                handled = True
+                if command & 0xF0 == mqtt.PUBLISH and self.on_publish is not None and not command & 0x04:
+                    self._publish_in(command, body)
+                elif not self._paho_handle(command, body):
+                    return handled
+            return handled
+        except MalformedPacket as err:
+            logger.warning("malformed packet from the broker (%s): reconnecting", err)
+            pos = 0
+            self._lost(mqtt.MQTT_ERR_PROTOCOL)
+            return handled
+        finally:
+            del buf[:pos]
+
+    def _publish_in(self, command: int, body: bytes) -> None:
+        """An incoming QoS 0/1 PUBLISH: topic, packet id (QoS 1), MQTT 5 properties (skipped), payload."""
+        qos = (command >> 1) & 3
+        if len(body) < 2:
+            raise MalformedPacket("PUBLISH without a topic")
+        j = 2 + ((body[0] << 8) | body[1])
+        topic = body[2:j].decode("utf-8", "replace")
+        mid = 0
+        if qos:
+            mid = (body[j] << 8) | body[j + 1] if j + 2 <= len(body) else -1
+            j += 2
+        if self._v5:
+            n, shift = 0, 0
+            while True:
+                if j >= len(body) or shift > 21:
+                    raise MalformedPacket("bad PUBLISH properties length")
+                byte = body[j]
+                n |= (byte & 0x7F) << shift
+                j += 1
+                if not byte & 0x80:
+                    break
+                shift += 7
+            j += n
+        if j > len(body) or mid < 0:
+            raise MalformedPacket("PUBLISH shorter than its header")
+        self.on_publish(topic, body[j:], mid, qos)
+
+    def _paho_handle(self, command: int, body: bytes) -> bool:
+        """One packet through paho's handler (as its `_packet_read` would). False if the connection was lost."""
+        client = self.client
+        client._in_packet = {"command": command, "have_remaining": 1, "remaining_count": [], "remaining_mult": 1,
+                             "remaining_length": len(body), "packet": bytearray(body), "to_process": 0, "pos": 0}
+        try:
+            rc = client._packet_handle()
+        except MalformedPacket:
+            rc = mqtt.MQTT_ERR_PROTOCOL
+        finally:
+            client._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                                 "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
+        if rc > 0:
+            self._lost(rc)
+            return False
+        return client.socket() is not None
 
     def _connect(self, timeout: float):  # -> the new socket or None
         now = time.monotonic()
@@ -225,6 +408,7 @@ class DrivenLoop:
         # The next attempt waits this long unless this connection gets its CONNACK (a refused one backs off too).
         self._delay = min(max(2 * self._delay, self.cfg.reconnect_min_s), self.cfg.reconnect_max_s)
         self._retry_at = now + self._delay
+        self._in.clear()
         try:
             self.client.reconnect()  # blocking TCP (and TLS) connect; the CONNACK is read by a later poll
         except OSError as err:

@@ -90,7 +90,10 @@ def test_2000_noisy_frames_from_4_devices_all_answered_by_both_tiers(pipeline: P
     report, answers = run_frames(pipeline, pub)
 
     assert report.total("acked") == 2000
-    assert len(answers.unique) == 2000 and answers.messages == 2000  # exactly one answer per frame
+    assert len(answers.unique) == 2000 and answers.result_count == 2000  # exactly one answer per frame
+    # One message per device per answered group: frames published as fast as possible share messages
+    # (observed 170 messages for the 2000 results).
+    assert answers.duplicates == 0 and answers.messages < 2000
     assert answers.bad_messages == 0
     assert answers.accuracy >= 0.97, answers.accuracy  # observed 0.99
     assert answers.tiers["edge"] > 0 and answers.tiers["cloud"] > 0, answers.tiers  # observed ~1900 / ~90
@@ -213,7 +216,7 @@ def test_dead_cloud_worker_means_degraded_edge_answers_not_lost_frames(pipeline:
 def test_cloud_calls_past_their_deadline_are_answered_degraded_at_the_edge(pipeline: Pipeline) -> None:
     pub = PublishConfig(devices=2, count=50, rate_hz=0, data_dir=str(DATA_DIR))
     report, answers = run_frames(pipeline, pub)
-    assert len(answers.unique) == 100 == answers.messages  # a late cloud answer is dropped, not published twice
+    assert len(answers.unique) == 100 == answers.result_count  # a late cloud answer is dropped, not published twice
     m = scrape(pipeline.edge.metrics_targets())
     timeouts = value(m, "edgeq_cloud_requests_total", outcome="timeout")
     assert timeouts >= 1
@@ -248,7 +251,7 @@ def test_a_call_to_a_dead_cloud_worker_is_retried_on_the_other(pipeline: Pipelin
     ray.kill(pipeline.cloud.handles[0])
     pub = PublishConfig(devices=2, count=50, rate_hz=0, data_dir=str(DATA_DIR))
     report, answers = run_frames(pipeline, pub)
-    assert len(answers.unique) == 100 == answers.messages
+    assert len(answers.unique) == 100 == answers.result_count
     assert answers.tiers == {"cloud": 100} and answers.degraded == 0  # every failed call went to the live one
     m = scrape(pipeline.edge.metrics_targets())
     assert value(m, "edgeq_cloud_requests_total", outcome="error") >= 1

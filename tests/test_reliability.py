@@ -125,8 +125,8 @@ def test_5000_frames_through_two_broker_restarts_an_edge_kill_and_a_cloud_kill(
     assert len(report.answers.unique) == 5000 and report.lost == 0, report.missing[:10]
     assert report.answers.bad_messages == 0
     assert report.answers.accuracy >= 0.97  # noisy frames; observed ~0.99
-    # Every result message is either a first answer or a recognised duplicate of one.
-    assert report.answers.messages == 5000 + report.answers.duplicates
+    # Every result is either a first answer or a recognised duplicate of one.
+    assert report.answers.result_count == 5000 + report.answers.duplicates
 
 
 def _rates(collector: ResultCollector, prefix: str) -> int:

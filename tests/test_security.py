@@ -222,7 +222,7 @@ def test_pipeline_over_tls_with_one_account_per_component(secure: Secure, local_
         cluster.stop_tier(cloud)
     print(f"\nover TLS with passwords: {sent} frames sent, {len(answers.unique)} answered "
           f"(tiers {dict(answers.tiers)}), accuracy {answers.accuracy:.3f}, edge stats received={stats['received']}")
-    assert len(answers.unique) == 200 and answers.messages == 200
+    assert len(answers.unique) == 200 and answers.result_count == 200
     assert {d for d, _ in answers.unique} == set(DEVICES)
     assert answers.accuracy >= 0.95, answers.accuracy  # clean test frames; observed ~0.99
 

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, progress: Progress) -> str:
         f"{cfg.devices} devices x {cfg.frames_per_device} labelled MNIST test frames ({cfg.noise} noise) at "
         f"{cfg.rate_hz:g} Hz each, QoS 1; {edge_n} edge and {cloud_n} cloud actors; broker down "
         f"{cfg.broker_down_s:g} s per restart; actor kills are `ray.kill(h, no_restart=False)` (Ray restarts them).",
-        "lost = frames the devices generated that never got a result; duplicates = result messages for a "
+        "lost = frames the devices generated that never got a result; duplicates = results for a "
         "(device, seq) already answered (redelivery after a fault or a device re-send).",
         f"Edge cloud calls: ok {report.edge.get('cloud_ok', 0)}, timeout {report.edge.get('cloud_timeout', 0)}, "
         f"error {report.edge.get('cloud_error', 0)} (counters of the actors as they are at the end: a restarted "

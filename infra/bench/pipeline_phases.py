@@ -78,34 +78,41 @@ def _captured_rate(rep, cfg, seconds: float) -> float:
 
 
 class _Answers:
-    """Unique result messages of one phase, from the results sink."""
+    """Unique results of one phase, from the results sink (a message holds one or several results of a device).
+
+    messages and bytes count MQTT messages and their payload bytes; result_count the results in valid messages
+    (duplicates included), so duplicates = result_count - len(seen).
+    """
 
     def __init__(self):
         from edge_workers import results
 
-        self._decode, self._error = results.decode, results.ResultDecodeError
+        self._decode, self._error = results.decode_all, results.ResultDecodeError
         self.seen: set[tuple[str, int]] = set()
-        self.messages = self.bytes = self.labelled = self.correct = 0
+        self.messages = self.result_count = self.bytes = self.labelled = self.correct = 0
         self.tiers: collections.Counter = collections.Counter()
         self.arrival, self.latency = [], []
 
     def add(self, arrival_ns: np.ndarray, payloads: list, nbytes: int) -> int:
+        """Count a batch from the sink; returns the messages taken."""
         self.bytes += nbytes
         for t, payload in zip(arrival_ns.tolist(), payloads):
             self.messages += 1
             try:
-                r = self._decode(payload)
+                rs = self._decode(payload)
             except self._error:
                 continue
-            if (r.device, r.seq) in self.seen:
-                continue
-            self.seen.add((r.device, r.seq))
-            self.tiers[r.tier] += 1
-            self.arrival.append(t)
-            self.latency.append(r.latency_ms)
-            if r.label is not None:
-                self.labelled += 1
-                self.correct += int(r.cls == r.label)
+            self.result_count += len(rs)
+            for r in rs:
+                if (r.device, r.seq) in self.seen:
+                    continue
+                self.seen.add((r.device, r.seq))
+                self.tiers[r.tier] += 1
+                self.arrival.append(t)
+                self.latency.append(r.latency_ms)
+                if r.label is not None:
+                    self.labelled += 1
+                    self.correct += int(r.cls == r.label)
         return len(payloads)
 
 
@@ -155,7 +162,7 @@ def run_tier_phase(name, offered, seconds, pool, sink, edge, exclude, cfg) -> Ph
     # own trip through the broker), used only to pick the frames of the steady window.
     rate, lat = _steady(arrival, arrival - (latency * 1e6).astype(np.int64), latency, t0, cfg, seconds)
     return Phase(name, offered, rep.seconds, rep.acked, rep.bytes_sent, len(answers.seen),
-                 answers.messages - len(answers.seen), dropped[0], rate, lat, cpu, rss,
+                 answers.result_count - len(answers.seen), dropped[0], rate, lat, cpu, rss,
                  counts.get("bytes_edge_to_cloud", 0), answers.bytes, answers.labelled, answers.correct, answers.tiers,
                  _captured_rate(rep, cfg, seconds))
 
