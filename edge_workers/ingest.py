@@ -264,11 +264,14 @@ class DrivenSubscriber(Subscriber):
         self._loop: mqttlib.DrivenLoop | None = None
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        self._on_publish(message.topic, message.payload, message.mid, message.qos)
+        self._on_publish(message.topic, message.payload, message.mid, message.qos, paho=True)
 
-    def _on_publish(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        """An incoming PUBLISH, parsed by the DrivenLoop (or by paho, through `_on_message`)."""
+    def _on_publish(self, topic: str, payload: bytes, mid: int, qos: int, paho: bool = False) -> None:
+        """An incoming PUBLISH, parsed by the DrivenLoop (or by paho, through `_on_message`, which then sends
+        the automatic PUBACK itself)."""
         held = self.manual_ack and qos > 0
+        if qos and not held and not paho and self._loop is not None:
+            self._loop.write(bytes((0x40, 2, mid >> 8, mid & 0xFF)))  # no manual ack: acknowledged on arrival
         msg = Received(topic, payload, time.time_ns(), mid, qos, self.connects, acked=not held)
         if not held and self.queue.qsize() >= self.max_queue:
             self.queue.get_nowait()

@@ -165,3 +165,33 @@ def test_packets_larger_than_a_read_chunk_arrive_whole(broker, mqtt_cfg) -> None
         sub.stop()
         pub.loop_stop()
         pub.disconnect()
+
+
+def test_without_manual_ack_qos1_frames_are_acknowledged_on_arrival(broker, mqtt_cfg) -> None:
+    """The fast path bypasses paho's PUBLISH handler, so it must send the automatic PUBACK itself."""
+    early: list = []  # taken while waiting for the SUBACK (a resumed session's redeliveries come first)
+
+    def subscriber() -> DrivenSubscriber:
+        sub = DrivenSubscriber(mqtt_cfg, "dl-auto", topics.FRAMES_FILTER, persistent=True).start()
+        deadline = time.monotonic() + 10
+        while not sub.subacks and time.monotonic() < deadline:
+            early.extend(sub.get_batch(100, 0.05))
+        return sub
+
+    sub = subscriber()
+    assert early == []
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dl-auto-pub")
+    pub.connect(mqtt_cfg.host, mqtt_cfg.port)
+    pub.loop_start()
+    try:
+        for i in range(20):
+            pub.publish(topics.frames("d0"), b"%d" % i, qos=1)
+        assert [m.payload for m in collect(sub, 20, timeout=10)] == [b"%d" % i for i in range(20)]
+        sub.get_batch(1, 0.2)  # the PUBACKs leave
+        sub._client.socket().close()  # a crash, the persistent session stays
+        sub = subscriber()
+        assert early + collect(sub, 1, timeout=2) == []  # every one was acknowledged: nothing redelivered
+    finally:
+        sub.stop()
+        pub.loop_stop()
+        pub.disconnect()

@@ -177,23 +177,53 @@ def _sink_main(conn, mqtt_cfg, topic_filter: str, client_id: str, frames: bool) 
         else:
             extra.append(payload)
 
-    client = mqttlib.make_client(mqtt_cfg, client_id)
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=mqtt_cfg.qos)
-    client.on_subscribe = lambda *a: subscribed.set()
-    client.on_message = on_message
-    mqttlib.start(client, mqtt_cfg)
+    if frames:  # the ceiling's subscribers: plain paho, its network thread calling on_message
+        client = mqttlib.make_client(mqtt_cfg, client_id)
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=mqtt_cfg.qos)
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.on_message = on_message
+        mqttlib.start(client, mqtt_cfg)
+        stop = lambda: (client.disconnect(), client.loop_stop())  # noqa: E731
+    else:  # edgeq's results consumer: the edge's own reader (see _results_reader), so it takes less CPU
+        stop = _results_reader(mqtt_cfg, topic_filter, client_id, on_message, subscribed)
     conn.send("ready" if subscribed.wait(30) else {"error": f"not subscribed to {topic_filter} after 30s"})
     while True:
         cmd = conn.recv()
         if cmd is None:
             break
-        n = len(arrivals)  # paho's thread only appends: take a consistent prefix, keep the rest
+        n = len(arrivals)  # the network thread only appends: take a consistent prefix, keep the rest
         out = {"arrival_ns": arrivals[:n], "extra": extra[:n], "bytes": nbytes[0]}
         del arrivals[:n], extra[:n]
         nbytes[0] = 0
         conn.send(out)
-    client.disconnect()
-    client.loop_stop()
+    stop()
+
+
+def _results_reader(mqtt_cfg, topic_filter: str, client_id: str, on_message, subscribed: threading.Event):
+    """A thread taking results with edge_workers.ingest.DrivenSubscriber; returns a function that stops it.
+
+    The results consumer shares the 2 cores with the pipeline it measures: with paho's own loop it took
+    about 110 us of CPU per result message (issue 7), which the edge and the broker then lacked. The
+    ceiling's subscribers stay plain paho, as the benchmark defines them.
+    """
+    from types import SimpleNamespace
+
+    from edge_workers.ingest import DrivenSubscriber
+
+    sub = DrivenSubscriber(mqtt_cfg, client_id, topic_filter).start()
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.is_set():
+            for msg in sub.get_batch(1024, 0.05):
+                on_message(None, None, SimpleNamespace(payload=msg.payload))
+            if sub.subacks:
+                subscribed.set()
+        sub.stop()
+
+    thread = threading.Thread(target=run, name="results-reader", daemon=True)
+    thread.start()
+    return lambda: (done.set(), thread.join(timeout=10))
 
 
 class Sink:
@@ -267,7 +297,7 @@ class ProcessTree:
     CPU of a process that exits between samples counts up to its last sample.
     """
 
-    def __init__(self, exclude: tuple[int, ...] = (), interval_s: float = 0.25):
+    def __init__(self, exclude: tuple[int, ...] = (), interval_s: float = 1.0):
         self.exclude, self.interval_s = set(exclude), interval_s
         self._first: dict[int, float] = {}
         self._baseline = True
