@@ -92,7 +92,7 @@ class EdgeProcessor:
             frames = self.denoiser.apply(frames)
         t0 = time.perf_counter()
         logits = self.runtime.predict(frames[:, None, :, :])
-        metrics.INFERENCE_SECONDS.labels(self.model_key).observe(time.perf_counter() - t0)
+        metrics.child(metrics.INFERENCE_SECONDS, self.model_key).observe(time.perf_counter() - t0)
         return logits.argmax(axis=1).astype(np.int64), confidence(logits)
 
     def process(self, images: np.ndarray) -> BatchDecision:
@@ -128,6 +128,6 @@ class EdgeProcessor:
             uplink = np.zeros((0, self.codec.code_size), dtype=np.uint8)
         t3 = time.perf_counter()
         seconds = {"denoise": t1 - t0, "classify": t2 - t1, "encode": t3 - t2}
-        metrics.STAGE_SECONDS.labels("denoise").observe(seconds["denoise"])
-        metrics.STAGE_SECONDS.labels("encode").observe(seconds["encode"])
+        metrics.child(metrics.STAGE_SECONDS, "denoise").observe(seconds["denoise"])
+        metrics.child(metrics.STAGE_SECONDS, "encode").observe(seconds["encode"])
         return BatchDecision(classes, conf, to_cloud, np.ascontiguousarray(uplink), seconds)

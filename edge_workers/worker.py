@@ -142,7 +142,7 @@ class EdgeWorker:
             self._thread.join(timeout=FLUSH_S + 5)
         left = self.sub.queue.qsize() + sum(len(c.frames) for c in self.pending)
         if left:
-            metrics.DROPS.labels("shutdown").inc(left)
+            metrics.child(metrics.DROPS, "shutdown").inc(left)
             self.counts["dropped.shutdown"] += left
         return self.stats()
 
@@ -179,7 +179,7 @@ class EdgeWorker:
         self.pending.append(PendingCall(ref, frames, msgs, classes, conf, codes,
                                         time.monotonic() + self.cfg.cloud_timeout_s, index, attempt))
         # Bytes count every send (a retry moves them again); frames count once.
-        metrics.PAYLOAD_BYTES.labels("edge_to_cloud").inc(len(codes))
+        metrics.child(metrics.PAYLOAD_BYTES, "edge_to_cloud").inc(len(codes))
         self.counts["bytes_edge_to_cloud"] += len(codes)
         if attempt == 1:
             self.counts["frames_to_cloud"] += len(frames)
@@ -197,7 +197,7 @@ class EdgeWorker:
             self.pending.popleft()
             block = False
             if not done:
-                metrics.CLOUD_REQUESTS.labels("timeout").inc()
+                metrics.child(metrics.CLOUD_REQUESTS, "timeout").inc()
                 ray.cancel(call.ref)
                 self._fallback(call, "timeout")
                 continue
@@ -207,10 +207,10 @@ class EdgeWorker:
                     raise ValueError(f"cloud answered {len(classes)} frames of {len(call.frames)}")
             except Exception as err:  # a dead or failing cloud actor, or a bad answer: answer at the edge
                 logger.warning("cloud call failed: %s", err)
-                metrics.CLOUD_REQUESTS.labels("error").inc()
+                metrics.child(metrics.CLOUD_REQUESTS, "error").inc()
                 self._fallback(call, "error")
                 continue
-            metrics.CLOUD_REQUESTS.labels("ok").inc()
+            metrics.child(metrics.CLOUD_REQUESTS, "ok").inc()
             self.counts["cloud_ok"] += 1
             self._publish(call.frames, call.msgs, classes, conf, "cloud")
 
@@ -272,7 +272,7 @@ class EdgeWorker:
             except Exception:  # never let one bad batch take the worker down
                 logger.exception("edge worker %d: batch failed", self.index)
                 self.counts["batch_errors"] += 1
-                metrics.DROPS.labels("batch_error").inc(len(batch))
+                metrics.child(metrics.DROPS, "batch_error").inc(len(batch))
                 self._ack_abandoned(batch)
 
     def _ack_abandoned(self, batch: list[Received]) -> None:
@@ -288,14 +288,15 @@ class EdgeWorker:
         for reason, n in dict(self.sub.dropped).items():
             new = n - self._drops_reported[reason]
             if new:
-                metrics.DROPS.labels(reason).inc(new)
+                metrics.child(metrics.DROPS, reason).inc(new)
                 self._drops_reported[reason] = n
 
     def _handle(self, batch) -> None:
-        metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0, time.time_ns() - batch[0].arrival_ns) / 1e9)
+        waited_ns = max(0, time.time_ns() - batch[0].arrival_ns)
+        metrics.child(metrics.STAGE_SECONDS, "queue_wait").observe(waited_ns / 1e9)
         metrics.FRAMES_RECEIVED.inc(len(batch))
         nbytes = sum(len(m.payload) for m in batch)
-        metrics.PAYLOAD_BYTES.labels("device_to_edge").inc(nbytes)
+        metrics.child(metrics.PAYLOAD_BYTES, "device_to_edge").inc(nbytes)
         metrics.BATCH_SIZE.observe(len(batch))
         self.counts["received"] += len(batch)
         self.counts["bytes_device_to_edge"] += nbytes
@@ -306,7 +307,7 @@ class EdgeWorker:
                 frame = decode_frame(msg)
                 images.append(frame_pixels(frame, self.processor.frame_shape))
             except (FrameDecodeError, FrameRejected) as err:
-                metrics.DECODE_ERRORS.labels(err.reason).inc()
+                metrics.child(metrics.DECODE_ERRORS, err.reason).inc()
                 self.counts[f"rejected.{err.reason}"] += 1
                 logger.debug("rejected frame on %s: %s", msg.topic, err)
                 self.sub.ack(msg)  # counted: a bad frame is never redelivered
@@ -316,7 +317,7 @@ class EdgeWorker:
             self.counts["pixel_bytes"] += frame.pixels.nbytes
         if not frames:
             return
-        metrics.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t_decode)
+        metrics.child(metrics.STAGE_SECONDS, "decode").observe(time.perf_counter() - t_decode)
         d = self.processor.process(np.stack(images))
         local = np.flatnonzero(~d.to_cloud)
         if len(local):
@@ -331,7 +332,7 @@ class EdgeWorker:
                 self._submit(up_frames, up_msgs, d.uplink.tobytes(), d.classes[up], d.confidences[up])
             except Exception as err:  # noqa: BLE001 - no reachable cloud: the edge answers, degraded
                 logger.warning("cannot reach the cloud: %s", err)
-                metrics.CLOUD_REQUESTS.labels("error").inc()
+                metrics.child(metrics.CLOUD_REQUESTS, "error").inc()
                 self.counts["cloud_error"] += 1
                 self._answer_degraded(up_frames, up_msgs, d.classes[up], d.confidences[up])
 
@@ -345,7 +346,7 @@ class EdgeWorker:
         device instead of per frame saves paho's publish and PUBACK work, the broker's and the consumer's.
         """
         now_ns = time.time_ns()
-        latency = metrics.E2E_LATENCY.labels(tier)
+        latency = metrics.child(metrics.E2E_LATENCY, tier)
         nbytes = 0
         outcomes: collections.Counter[str] = collections.Counter()
         by_device: dict[str, tuple[list[results.Result], list[Received]]] = {}
@@ -362,11 +363,11 @@ class EdgeWorker:
                 outcomes["correct" if int(cls) == frame.label else "wrong"] += 1
         for device_id, (rs, ms) in by_device.items():
             nbytes += self._publish_device(device_id, rs, ms)
-        metrics.PAYLOAD_BYTES.labels("edge_to_device").inc(nbytes)
+        metrics.child(metrics.PAYLOAD_BYTES, "edge_to_device").inc(nbytes)
         for outcome, n in outcomes.items():
-            metrics.PREDICTIONS.labels(tier, outcome).inc(n)
+            metrics.child(metrics.PREDICTIONS, tier, outcome).inc(n)
             self.counts[f"{tier}.{outcome}"] += n
-        metrics.RESULTS.labels(tier, "true" if degraded else "false").inc(len(frames))
+        metrics.child(metrics.RESULTS, tier, "true" if degraded else "false").inc(len(frames))
         self.counts[f"results.{tier}" + (".degraded" if degraded else "")] += len(frames)
 
     def _publish_device(self, device_id: str, rs: list[results.Result], msgs: list[Received]) -> int:

@@ -7,9 +7,9 @@ import logging
 import select
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -218,7 +218,7 @@ class DrivenLoop:
         if not self._hold:
             self._flush()
 
-    def _sock_send(self, buf) -> int:  # noqa: ANN001 - paho's Client._sock_send, buffered
+    def _sock_send(self, buf) -> int:  # paho's Client._sock_send, buffered
         self.write(buf)
         return len(buf)
 
@@ -298,7 +298,7 @@ class DrivenLoop:
             self._delay = 0.0
         return handled
 
-    def _fill(self, sock) -> bool:  # noqa: ANN001
+    def _fill(self, sock) -> bool:
         """One `recv` into the input buffer. False on nothing read (or a lost connection, handled)."""
         try:
             data = sock.recv(self.READ_CHUNK)
@@ -315,7 +315,7 @@ class DrivenLoop:
             self.client._last_bytes_received = mqtt.time_func()
         return True
 
-    def _lost(self, rc) -> None:  # noqa: ANN001
+    def _lost(self, rc) -> None:
         self._in.clear()
         self._out.clear()
         self.client._loop_rc_handle(rc)

@@ -105,6 +105,26 @@ def test_denoiser_output_contract(method, pca, test_split):
     assert den.apply(images[:0]).shape == (0, 28, 28)
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS if m.startswith(("median", "impulse", "auto"))])
+def test_numba_filter_kernel_gives_the_numpy_paths_bits(method, pca, test_split):
+    """edge_workers.denoise_kernels against the numpy path, on noisy test frames and on random frames full of
+    0/255 pixels (every impulse decision), batches of 1, 3 and 64, and a non-square shape."""
+    den = Denoiser(DenoiseConfig(method, components=64), pca)
+    assert den._kernel is not None  # numba is installed with the server extra the tests run with
+    numpy_path = Denoiser(DenoiseConfig(method, components=64), pca)
+    numpy_path._kernel = None
+    rng = np.random.default_rng(3)
+    noisy = add_noise(test_split[0][:64], NoiseConfig("salt-and-pepper", 0.1), rng)
+    impulses = rng.choice(np.array([0, 1, 95, 96, 160, 200, 254, 255], dtype=np.uint8), size=(64, 28, 28))
+    for frames in (noisy[:1], noisy[:3], noisy, impulses):
+        np.testing.assert_array_equal(den.apply(frames), numpy_path.apply(frames))
+    if not den.cfg.needs_pca:  # without a PCA model there is no image shape to match: any frame size
+        den, numpy_path = Denoiser(DenoiseConfig(method)), Denoiser(DenoiseConfig(method))
+        numpy_path._kernel = None
+        odd = rng.integers(0, 256, size=(5, 7, 9), dtype=np.uint8)
+        np.testing.assert_array_equal(den.apply(odd), numpy_path.apply(odd))
+
+
 def test_denoise_config_errors(pca):
     with pytest.raises(ValueError, match="must be one of"):
         DenoiseConfig("wiener")

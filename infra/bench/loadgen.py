@@ -183,7 +183,7 @@ def _sink_main(conn, mqtt_cfg, topic_filter: str, client_id: str, frames: bool) 
         client.on_subscribe = lambda *a: subscribed.set()
         client.on_message = on_message
         mqttlib.start(client, mqtt_cfg)
-        stop = lambda: (client.disconnect(), client.loop_stop())  # noqa: E731
+        stop = lambda: (client.disconnect(), client.loop_stop())
     else:  # edgeq's results consumer: the edge's own reader (see _results_reader), so it takes less CPU
         stop = _results_reader(mqtt_cfg, topic_filter, client_id, on_message, subscribed)
     conn.send("ready" if subscribed.wait(30) else {"error": f"not subscribed to {topic_filter} after 30s"})
