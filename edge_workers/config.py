@@ -21,10 +21,12 @@ class EdgeConfig:
     group: str = "edgeq-edge"         # shared-subscription group the actors join
     queue_size: int = 10_000          # bounded ingest queue per actor (messages)
     batch_max: int = 64               # micro-batch: at most this many frames ...
-    # ... or this long after the first one arrives. 0 = take what is queued: batches still grow under
-    # load (frames queue while a batch runs) and a lone frame does not wait. In `edgeq demo` on 2 cores,
-    # p50 capture->result latency was 12 ms with 0 against 20 ms with 5 (noisy host; see issue 7's bench).
-    batch_wait_ms: float = 0.0
+    # ... or this long after the first one arrives (0 = take what is queued: batches still grow under load, as
+    # frames queue while a batch runs). Under moderate load a short wait pays: each batch has a fixed cost
+    # (model and filter calls, one send, one Ray call) that 1-2-frame batches pay per frame. edgeq alone at
+    # 1,500 frames/s on 2 cores (issue 7, alternating runs): p99 61.8 / 44.7 ms with 0, 24.2 / 29.6 ms with 2,
+    # p50 6.8-6.9 vs 5.4-6.2 ms, edge CPU per frame 539-554 vs 485-490 us.
+    batch_wait_ms: float = 2.0
     # The Q-CNN of the edge CNN (16x smaller file, docs/results/qcnn.md) by default; runtime "onnx" with
     # model "edge_cnn.onnx" runs the float model (or an int8 QDQ file) instead.
     runtime: str = "qcnn"             # model runtime key: onnx (float/int8 files) or qcnn

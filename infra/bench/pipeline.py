@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from edge_workers.config import EdgeConfig
 from infra.bench.pipeline_phases import Phase, run_ceiling_phase, run_tier_phase
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class PipelineBenchConfig:
     edge_actors: int = 2          # edge actors, and the ceiling's subscribers
     cloud_actors: int = 1
     batch_max: int = 64
-    batch_wait_ms: float = 0.0
+    batch_wait_ms: float = EdgeConfig.batch_wait_ms  # edgeq's default
     qos: int = 1
     noise: str = "none"
     data_dir: str = "data/mnist"
