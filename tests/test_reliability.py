@@ -227,9 +227,11 @@ def test_qos1_overload_is_held_in_bounded_queues_and_nothing_is_lost(
     the load falls. (Mosquitto 2.0.11 does not hold an acking client to max_inflight_messages: observed 10,000
     frames queued at the edge without this back-pressure; docs/reliability.md.)"""
     ray_cfg = RayConfig(namespace="reliability-overload-qos1")
-    queue_size = 1000
-    edge = cluster.start_edge(EdgeConfig(actors=1, metrics_port=0, policy="edge-only", queue_size=queue_size),
-                              mqtt_cfg, ray_cfg, [])
+    # One frame per batch and a small queue: the edge's own batches keep up with what the in-process publishers
+    # offer (its queue peaked at 4-38 of 1,000 frames), so the bound and the back-pressure were never reached.
+    queue_size = 200
+    edge = cluster.start_edge(EdgeConfig(actors=1, metrics_port=0, policy="edge-only", queue_size=queue_size,
+                                         batch_max=1, batch_wait_ms=0), mqtt_cfg, ray_cfg, [])
     collector = ResultCollector(mqtt_cfg, "overload1-results").start()
     try:
         t0 = time.monotonic()
@@ -256,6 +258,6 @@ def test_qos1_overload_is_held_in_bounded_queues_and_nothing_is_lost(
     # (observed 1.5x on a loaded 2-core machine); the figure line shows what was offered.
     assert over_sent / over.seconds >= 1.2 * capacity
     assert answered_all and over_answered == over_sent  # nothing lost
-    assert rss.queue_max <= queue_size
+    assert 0.8 * queue_size <= rss.queue_max <= queue_size  # the bound was reached, and held
     assert not [k for k, v in drops.items() if k.startswith("dropped.") and v]
     assert rss.edge_max < 1024 * 2**20 and rss.broker_max < 256 * 2**20
