@@ -160,6 +160,22 @@ def connect_async(client: mqtt.Client, cfg: MqttConfig) -> None:
     logger.debug("connecting to %s (MQTT %s, persistent=%s)", cfg.address, cfg.protocol, persistent)
 
 
+def _varint(buf: bytes | bytearray, i: int, end: int) -> tuple[int, int] | None:
+    """MQTT variable byte integer at buf[i:end] (1-4 bytes, 7 bits each, least significant first):
+    (value, index after it), or None when it runs past `end`. Raises MalformedPacket beyond 4 bytes."""
+    value, shift = 0, 0
+    while i < end:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+        if shift > 21:
+            raise MalformedPacket("variable byte integer longer than 4 bytes")
+    return None
+
+
 class DrivenLoop:
     """paho's network loop run by the caller's own thread instead of `loop_start()`'s, with buffered I/O.
 
@@ -325,19 +341,11 @@ class DrivenLoop:
         buf, pos, end, handled = self._in, 0, len(self._in), False
         try:
             while pos < end and room():
-                # fixed header: command byte, remaining length (1-4 bytes, 7 bits each, little end first)
-                length, shift, i = 0, 0, pos + 1
-                while True:
-                    if i >= end:
-                        return handled
-                    byte = buf[i]
-                    length |= (byte & 0x7F) << shift
-                    i += 1
-                    if not byte & 0x80:
-                        break
-                    shift += 7
-                    if shift > 21:
-                        raise MalformedPacket("remaining length longer than 4 bytes")
+                # fixed header: command byte, remaining length
+                header = _varint(buf, pos + 1, end)
+                if header is None:
+                    return handled
+                length, i = header
                 if i + length > end:
                     return handled
                 command, body = buf[pos], bytes(buf[i:i + length])
@@ -368,16 +376,10 @@ class DrivenLoop:
             mid = (body[j] << 8) | body[j + 1] if j + 2 <= len(body) else -1
             j += 2
         if self._v5:
-            n, shift = 0, 0
-            while True:
-                if j >= len(body) or shift > 21:
-                    raise MalformedPacket("bad PUBLISH properties length")
-                byte = body[j]
-                n |= (byte & 0x7F) << shift
-                j += 1
-                if not byte & 0x80:
-                    break
-                shift += 7
+            props = _varint(body, j, len(body))
+            if props is None:
+                raise MalformedPacket("PUBLISH ends inside its properties length")
+            n, j = props
             j += n
         if j > len(body) or mid < 0:
             raise MalformedPacket("PUBLISH shorter than its header")
