@@ -271,7 +271,7 @@ class DrivenSubscriber(Subscriber):
         the automatic PUBACK itself)."""
         held = self.manual_ack and qos > 0
         if qos and not held and not paho and self._loop is not None:
-            self._loop.write(bytes((0x40, 2, mid >> 8, mid & 0xFF)))  # no manual ack: acknowledged on arrival
+            self._loop.puback(mid)  # no manual ack: acknowledged on arrival
         msg = Received(topic, payload, time.time_ns(), mid, qos, self.connects, acked=not held)
         if not held and self.queue.qsize() >= self.max_queue:
             self.queue.get_nowait()
@@ -297,7 +297,7 @@ class DrivenSubscriber(Subscriber):
         msg.acked = True
         if msg.connection != self.connects or self._loop is None:
             return
-        self._loop.write(bytes((0x40, 2, msg.mid >> 8, msg.mid & 0xFF)))
+        self._loop.puback(msg.mid)
         self.acks += 1
 
     def _may_read(self) -> bool:
@@ -331,8 +331,7 @@ class DrivenSubscriber(Subscriber):
     def stop(self) -> None:
         """Disconnect: paho writes the DISCONNECT at once (no loop thread runs); no reconnect follows."""
         if self._loop is not None:
-            with self._loop.hold_writes():  # whatever is still buffered goes out before the DISCONNECT
-                pass
+            self._loop.flush()  # whatever is still buffered goes out before the DISCONNECT
         self._client.disconnect()
         self._loop = None
 

@@ -232,7 +232,11 @@ class DrivenLoop:
             self._out_sock = sock
         self._out += data
         if not self._hold:
-            self._flush()
+            self.flush()
+
+    def puback(self, mid: int) -> None:
+        """Acknowledge the QoS 1 message `mid` (a 4-byte PUBACK, after everything written before it)."""
+        self.write(bytes((0x40, 2, mid >> 8, mid & 0xFF)))
 
     def _sock_send(self, buf) -> int:  # paho's Client._sock_send, buffered
         self.write(buf)
@@ -247,9 +251,9 @@ class DrivenLoop:
         finally:
             self._hold -= 1
             if not self._hold:
-                self._flush()
+                self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Send what is buffered without blocking; keep the rest for the next poll."""
         sock = self._out_sock
         if not self._out or sock is None:
@@ -289,7 +293,7 @@ class DrivenLoop:
                 return False
         if client.want_write():
             client.loop_write()  # paho's queue (e.g. a subscribe from a callback) -> our buffer
-        self._flush()
+        self.flush()
         room = room or (lambda: True)
         handled = False
         if read and self._in and room() and self._handle(room):
@@ -307,7 +311,7 @@ class DrivenLoop:
         if (readable or pending) and self._fill(sock):
             handled = self._handle(room) or handled
         if writable:
-            self._flush()
+            self.flush()
         if client.socket() is not None:
             client.loop_misc()
         if client.is_connected():

@@ -168,9 +168,8 @@ def _sink_main(conn, mqtt_cfg, topic_filter: str, client_id: str, frames: bool) 
     nbytes = [0]
     subscribed = threading.Event()
 
-    def on_message(client, userdata, msg) -> None:  # noqa: ANN001
+    def record(payload: bytes) -> None:
         arrivals.append(time.time_ns())
-        payload = msg.payload
         nbytes[0] += len(payload)
         if frames:
             extra.append(CAPTURE.unpack_from(payload, CAPTURE_OFFSET)[0] if len(payload) >= 32 else 0)
@@ -181,11 +180,11 @@ def _sink_main(conn, mqtt_cfg, topic_filter: str, client_id: str, frames: bool) 
         client = mqttlib.make_client(mqtt_cfg, client_id)
         client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=mqtt_cfg.qos)
         client.on_subscribe = lambda *a: subscribed.set()
-        client.on_message = on_message
+        client.on_message = lambda c, u, msg: record(msg.payload)
         mqttlib.start(client, mqtt_cfg)
         stop = lambda: (client.disconnect(), client.loop_stop())
     else:  # edgeq's results consumer: the edge's own reader (see _results_reader), so it takes less CPU
-        stop = _results_reader(mqtt_cfg, topic_filter, client_id, on_message, subscribed)
+        stop = _results_reader(mqtt_cfg, topic_filter, client_id, record, subscribed)
     conn.send("ready" if subscribed.wait(30) else {"error": f"not subscribed to {topic_filter} after 30s"})
     while True:
         cmd = conn.recv()
@@ -199,15 +198,13 @@ def _sink_main(conn, mqtt_cfg, topic_filter: str, client_id: str, frames: bool) 
     stop()
 
 
-def _results_reader(mqtt_cfg, topic_filter: str, client_id: str, on_message, subscribed: threading.Event):
+def _results_reader(mqtt_cfg, topic_filter: str, client_id: str, record, subscribed: threading.Event):
     """A thread taking results with edge_workers.ingest.DrivenSubscriber; returns a function that stops it.
 
     The results consumer shares the 2 cores with the pipeline it measures: with paho's own loop it took
     about 110 us of CPU per result message (issue 7), which the edge and the broker then lacked. The
     ceiling's subscribers stay plain paho, as the benchmark defines them.
     """
-    from types import SimpleNamespace
-
     from edge_workers.ingest import DrivenSubscriber
 
     sub = DrivenSubscriber(mqtt_cfg, client_id, topic_filter).start()
@@ -216,7 +213,7 @@ def _results_reader(mqtt_cfg, topic_filter: str, client_id: str, on_message, sub
     def run() -> None:
         while not done.is_set():
             for msg in sub.get_batch(1024, 0.05):
-                on_message(None, None, SimpleNamespace(payload=msg.payload))
+                record(msg.payload)
             if sub.subacks:
                 subscribed.set()
         sub.stop()
