@@ -9,7 +9,9 @@ sized to the actors requested.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -34,12 +36,33 @@ START_TIMEOUT_S = 180.0  # model loading and numba compilation on a slow node
 MAX_RESTARTS = 10
 
 
+# A local Ray registers the host's routable address (eth0's) as its node address and listens on all
+# interfaces, so traffic between edgeq's own processes on one machine would leave loopback. With this switch
+# at 0 (its default on macOS and Windows, where Ray does not run clusters) Ray's node address is 127.0.0.1
+# and its servers listen there only (ray._private.services.get_node_ip_address reads it).
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make a Ray started by this process use 127.0.0.1 only, unless the user set RAY_LOOPBACK_ENV.
+
+    For a Ray this machine runs alone (edgeq's local mode, Ray's test cluster); a Ray that other
+    machines join (`ray.address`) needs the routable address and is left as it is.
+    """
+    os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ[RAY_LOOPBACK_ENV].lower() not in ("1", "true"):
+        constants.ENABLE_RAY_CLUSTER = False  # ray was imported earlier and had read the switch then
+
+
 def connect(ray_cfg: RayConfig, edge_actors: int = 0, cloud_actors: int = 0) -> bool:
     """ray.init for edgeq. Returns True when this call started a local Ray (the caller shuts it down)."""
     import ray
 
     if ray.is_initialized():
         return False
+    if not ray_cfg.address:
+        keep_local_ray_on_loopback()
     # ray.init installs its own SIGTERM handler (exit 15 at once); keep the caller's (the CLI's
     # handler unwinds like Ctrl-C so workers and brokers are stopped cleanly).
     on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None

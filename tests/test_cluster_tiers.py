@@ -16,7 +16,7 @@ from infra import cluster
 from infra.collector import ResultCollector
 from publishers.config import PublishConfig
 from publishers.run import publish
-from tests.conftest import DATA_DIR, REPO
+from tests.conftest import DATA_DIR, REPO, non_loopback_sockets
 
 
 @pytest.fixture
@@ -38,6 +38,8 @@ def two_node_cluster():
 
 
 def test_each_actor_lands_on_its_tier_node_and_frames_cross_nodes(two_node_cluster, mqtt_cfg) -> None:
+    import ray
+
     c, edge_node, cloud_node = two_node_cluster
     assert edge_node != cloud_node
     ray_cfg = RayConfig(namespace="cluster-test")
@@ -48,11 +50,13 @@ def test_each_actor_lands_on_its_tier_node_and_frames_cross_nodes(two_node_clust
     try:
         assert [i["node_id"] for i in cloud.infos] == [cloud_node, cloud_node]
         assert [i["node_id"] for i in edge.infos] == [edge_node, edge_node]
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # both nodes on loopback
         # Every frame goes edge node -> cloud node and back as a result.
         collector = ResultCollector(mqtt_cfg, "cluster-results").start()
         try:
             report = publish(mqtt_cfg, PublishConfig(devices=2, count=50, rate_hz=0, data_dir=str(DATA_DIR)))
             assert collector.wait_for(100, 60)
+            assert non_loopback_sockets() == []  # the nodes, their workers and the broker: loopback only
         finally:
             answers = collector.stop()
         assert report.total("acked") == 100

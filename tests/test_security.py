@@ -30,7 +30,7 @@ from publishers import mqtt as mqttlib
 from publishers import topics
 from publishers.config import PublishConfig
 from publishers.run import publish
-from tests.conftest import DATA_DIR, collect
+from tests.conftest import DATA_DIR, collect, non_loopback_sockets
 
 DEVICES = ("devA0", "devB0")  # `publish(device_prefix="devA", devices=1)` names its device devA0
 
@@ -215,6 +215,9 @@ def test_pipeline_over_tls_with_one_account_per_component(secure: Secure, local_
             host, port = target.rsplit(":", 1)
             assert host == "127.0.0.1"
             assert listening_addresses(int(port)) == {"127.0.0.1"}, target
+        # Nothing this test started (Ray's GCS, raylet and workers, the actors, Mosquitto) listens or talks
+        # beyond loopback: a local Ray would otherwise use the host's routable address (infra.cluster).
+        assert non_loopback_sockets() == []
     finally:
         answers = collector.stop()
         if edge is not None:
