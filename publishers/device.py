@@ -128,6 +128,7 @@ class Device:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
         self._acks += 1
+        self._in_flight()  # keeps stats.acked current for readers in other threads (progress lines)
 
     def _on_incoming(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
         """A PUBLISH on the results subscription, parsed by the DrivenLoop: acknowledge it, count the answers."""
