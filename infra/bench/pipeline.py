@@ -96,12 +96,12 @@ class ModeResult:
     detail: str
     probes: list[Phase] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
-    best: Phase | None = None  # the highest sustained probe
+    best: Phase | None = None  # the sustained probe with the highest throughput
     publisher_limited: bool = False  # the search stopped because the devices could not offer more
 
     @property
     def saturation(self) -> float:
-        """Sustained frames/s: throughput of the highest sustained probe (0 if none was)."""
+        """Sustained frames/s: the highest throughput of a sustained probe (0 if none was)."""
         return self.best.throughput if self.best else 0.0
 
     def phase(self, name: str) -> Phase | None:
@@ -145,9 +145,12 @@ def _report(mode: str, p: Phase, progress: Progress) -> None:
 
 def find_saturation(mode: str, result: ModeResult, cfg: PipelineBenchConfig,
                     run_one: Callable[[str, float, float], Phase], progress: Progress) -> None:
-    """Highest sustained offered rate: double from `start_rate` until a probe fails (halve if the first
-    fails), then `bisect` geometric steps between the best sustained and the lowest failed rate."""
-    good: Phase | None = None
+    """Highest sustained throughput: double the offered rate from `start_rate` until a probe fails (halve
+    if the first fails), then `bisect` geometric steps between the highest sustained and the lowest failed
+    offered rate. `result.best` is the sustained probe with the highest throughput, which need not be the one
+    offered most: past what the devices can generate, throughput varies from probe to probe."""
+    good: Phase | None = None  # the best sustained probe so far
+    lo: float | None = None    # the highest sustained offered rate (the bisection's lower end)
     bad: float | None = None
     rate = cfg.start_rate
 
@@ -161,6 +164,7 @@ def find_saturation(mode: str, result: ModeResult, cfg: PipelineBenchConfig,
         p = probe(rate)
         if p.sustained(cfg.sustain, cfg.max_p99_ms):
             previous, good = good, p if good is None or p.throughput > good.throughput else good
+            lo = rate
             if bad is not None:
                 break
             if p.publisher_limited(cfg.sustain) and previous is not None \
@@ -178,11 +182,12 @@ def find_saturation(mode: str, result: ModeResult, cfg: PipelineBenchConfig,
                 break
             rate /= 2
     for _ in range(cfg.bisect):
-        if good is None or bad is None:
+        if lo is None or bad is None:
             break
-        p = probe(float(np.sqrt(good.offered * bad)))
+        p = probe(float(np.sqrt(lo * bad)))
         if p.sustained(cfg.sustain, cfg.max_p99_ms):
-            good = p
+            lo = p.offered
+            good = p if p.throughput > good.throughput else good
         else:
             bad = p.offered
     result.best = good
