@@ -116,8 +116,10 @@ def non_loopback_sockets(root: int | None = None) -> list[str]:
             state = "listen" if fields[3] == "0A" else "connection"
             ends = [_proc_net_address(local)] + ([_proc_net_address(remote)] if state == "connection" else [])
             if not all(_is_loopback(ip) for ip in ends):
-                comm = Path(f"/proc/{inodes[inode]}/comm").read_text().strip() if os.path.exists(
-                    f"/proc/{inodes[inode]}/comm") else "?"
+                try:
+                    comm = Path(f"/proc/{inodes[inode]}/comm").read_text().strip()
+                except OSError:  # the process is gone meanwhile
+                    comm = "?"
                 found.append(f"{comm} (pid {inodes[inode]}) {state} {' -> '.join(str(ip) for ip in ends)}"
                              f" port {int(local.split(':')[1], 16)}")
     return found
