@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from edge_workers import results
@@ -125,12 +124,10 @@ def test_pipeline_bench_answers_count_duplicates_per_result() -> None:
 
 def test_a_device_takes_every_seq_of_a_batch() -> None:
     cfg = PublishConfig(devices=1, count=1, rate_hz=0, data_dir=str(DATA_DIR), resend_after_s=1.0)
-    device = build_devices(MqttConfig(), cfg)[0]  # never started: its paho callback is called directly
+    device = build_devices(MqttConfig(), cfg)[0]  # never started: its DrivenLoop handler is called directly
 
-    def deliver(payload: bytes) -> None:
-        msg = mqtt.MQTTMessage(topic=topics.results(device.device_id).encode())
-        msg.payload = payload
-        device._on_result(None, None, msg)
+    def deliver(payload: bytes) -> None:  # as DrivenLoop hands over a QoS 0 PUBLISH on the results topic
+        device._on_incoming(topics.results(device.device_id), payload, 0, 0)
 
     deliver(results.encode_many([result(s, device.device_id) for s in (3, 1, 2)]))
     deliver(results.encode(result(7, device.device_id)))
