@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 
 from edge_workers.ingest import Received, Subscriber
+from infra.bench.loadgen import descendants, proc_stats
 from infra.broker import MosquittoBroker
 from infra.cluster import keep_local_ray_on_loopback
 from publishers.mqtt import MqttConfig
@@ -59,25 +60,6 @@ def collect(sub: Subscriber, n: int, timeout: float) -> list[Received]:
     return out
 
 
-def _process_tree(root: int) -> set[int]:
-    """`root` and every process below it, from /proc/*/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:  # gone meanwhile
-                continue
-            children.setdefault(int(raw[raw.rfind(")") + 2:].split()[1]), []).append(int(entry))
-    seen, todo = {root}, [root]
-    while todo:
-        for pid in children.get(todo.pop(), ()):
-            if pid not in seen:
-                seen.add(pid)
-                todo.append(pid)
-    return seen
-
-
 def _proc_net_address(field: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address of /proc/net/tcp{,6} ("0100007F:1F90"): 32-bit words in host (little-endian) order."""
     hexip = field.split(":")[0]
@@ -94,7 +76,7 @@ def non_loopback_sockets(root: int | None = None) -> list[str]:
     """TCP sockets held by `root` (default: this process) or any process below it whose local or remote
     address is not loopback (a listener on 0.0.0.0 or :: counts: it takes connections from the network)."""
     inodes: dict[str, int] = {}
-    for pid in _process_tree(os.getpid() if root is None else root):
+    for pid in descendants(os.getpid() if root is None else root, proc_stats()):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:

@@ -182,8 +182,9 @@ def test_qos0_overload_at_3x_capacity_sheds_oldest_frames_counted_and_recovers(
     edge = cluster.start_edge(EdgeConfig(actors=1, metrics_port=0, policy="edge-only", queue_size=queue_size,
                                          batch_max=1), qos0, ray_cfg, [])
     collector = ResultCollector(qos0, "overload-results").start()
-    pool = PublisherPool(qos0, _pub_cfg("over", 4, 0, 30.0), processes=2)
+    pool = None
     try:
+        pool = PublisherPool(qos0, _pub_cfg("over", 4, 0, 30.0), processes=2)
         # 1. Capacity: flood for 5 s; what the edge answers per second while saturated.
         t0 = time.monotonic()
         flood = _phase(qos0, "cap", 2, 0, 5.0)
@@ -201,7 +202,8 @@ def test_qos0_overload_at_3x_capacity_sheds_oldest_frames_counted_and_recovers(
         _wait_settled(collector, edge)
         final = _edge_drops(edge)
     finally:
-        pool.close()
+        if pool is not None:
+            pool.close()
         collector.stop()
         cluster.stop_tier(edge)
     over_sent, over_answered = over.sent, _rates(collector, "over")

@@ -259,7 +259,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _proc_stats() -> dict[int, tuple[int, float, int]]:
+def proc_stats() -> dict[int, tuple[int, float, int]]:
     """pid -> (ppid, cpu seconds user+system, rss bytes) for every readable process."""
     out = {}
     for entry in os.listdir("/proc"):
@@ -275,6 +275,7 @@ def _proc_stats() -> dict[int, tuple[int, float, int]]:
 
 
 def descendants(root: int, stats: dict[int, tuple[int, float, int]]) -> set[int]:
+    """`root` and every process below it, in `stats` (from `proc_stats`)."""
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
@@ -304,7 +305,7 @@ class ProcessTree:
         self._thread = threading.Thread(target=self._run, name="proc-tree", daemon=True)
 
     def _sample(self) -> None:
-        stats = _proc_stats()
+        stats = proc_stats()
         pids = descendants(os.getpid(), stats) - self.exclude
         rss = 0
         for pid in pids:
