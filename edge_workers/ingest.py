@@ -264,14 +264,12 @@ class DrivenSubscriber(Subscriber):
         self._loop: mqttlib.DrivenLoop | None = None
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        self._on_publish(message.topic, message.payload, message.mid, message.qos, paho=True)
+        self._on_publish(message.topic, message.payload, message.mid, message.qos)
 
-    def _on_publish(self, topic: str, payload: bytes, mid: int, qos: int, paho: bool = False) -> None:
-        """An incoming PUBLISH, parsed by the DrivenLoop (or by paho, through `_on_message`, which then sends
-        the automatic PUBACK itself)."""
+    def _on_publish(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+        """An incoming PUBLISH, parsed by the DrivenLoop (or by paho, through `_on_message`). Without manual
+        ack, the DrivenLoop (or paho) has acknowledged it on arrival."""
         held = self.manual_ack and qos > 0
-        if qos and not held and not paho and self._loop is not None:
-            self._loop.puback(mid)  # no manual ack: acknowledged on arrival
         msg = Received(topic, payload, time.time_ns(), mid, qos, self.connects, acked=not held)
         if not held and self.queue.qsize() >= self.max_queue:
             self.queue.get_nowait()
@@ -280,7 +278,8 @@ class DrivenSubscriber(Subscriber):
 
     def start(self) -> "DrivenSubscriber":
         """Set the session up; the connection is made by the first `get_batch`."""
-        self._loop = mqttlib.DrivenLoop(self._client, self.mqtt_cfg, on_publish=self._on_publish)
+        self._loop = mqttlib.DrivenLoop(self._client, self.mqtt_cfg, on_publish=self._on_publish,
+                                        auto_ack=not self.manual_ack)
         return self
 
     def hold_writes(self):  # -> context manager

@@ -131,9 +131,7 @@ class Device:
         self._in_flight()  # keeps stats.acked current for readers in other threads (progress lines)
 
     def _on_incoming(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        """A PUBLISH on the results subscription, parsed by the DrivenLoop: acknowledge it, count the answers."""
-        if qos:
-            self._loop.puback(mid)
+        """A PUBLISH on the results subscription, parsed (and acknowledged) by the DrivenLoop."""
         self._on_result(payload)
 
     def _on_result(self, payload: bytes) -> None:

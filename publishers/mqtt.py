@@ -190,7 +190,8 @@ class DrivenLoop:
     PUBLISH handling were 40 % of its time): the socket is read in chunks of up to
     READ_CHUNK bytes and split into packets here. With `on_publish` set, an
     incoming QoS 0/1 PUBLISH is parsed here and handed to it as (topic, payload,
-    mid, qos), without paho's message objects; every other packet (CONNACK,
+    mid, qos), without paho's message objects (with `auto_ack`, a QoS 1 one is
+    acknowledged first; otherwise the caller acks it with `puback`); every other packet (CONNACK,
     SUBACK, PUBACK of our own publishes, PINGRESP, ...) goes to paho's own handler,
     so paho's session state stays paho's. Writes go through `write()` (paho's
     packets too): inside `hold_writes()` they are collected and sent with one
@@ -207,8 +208,8 @@ class DrivenLoop:
     READ_CHUNK = 65536
 
     def __init__(self, client: mqtt.Client, cfg: MqttConfig,
-                 on_publish: Callable[[str, bytes, int, int], None] | None = None) -> None:
-        self.client, self.cfg, self.on_publish = client, cfg, on_publish
+                 on_publish: Callable[[str, bytes, int, int], None] | None = None, auto_ack: bool = True) -> None:
+        self.client, self.cfg, self.on_publish, self.auto_ack = client, cfg, on_publish, auto_ack
         connect_async(client, cfg)
         self._retry_at = 0.0  # monotonic time of the next connection attempt
         self._delay = 0.0     # the last backoff; 0 once connected
@@ -387,6 +388,8 @@ class DrivenLoop:
             j += n
         if j > len(body) or mid < 0:
             raise MalformedPacket("PUBLISH shorter than its header")
+        if qos and self.auto_ack:
+            self.puback(mid)
         self.on_publish(topic, body[j:], mid, qos)
 
     def _paho_handle(self, command: int, body: bytes) -> bool:
