@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_workers import metrics, results
+from edge_workers import metrics
 from edge_workers.config import EdgeConfig
 from edge_workers.ingest import DrivenSubscriber, Received, decode_frame
 from edge_workers.learning import TrainingForwarder
 from edge_workers.processor import EdgeProcessor, FrameRejected, frame_pixels
-from publishers import topics
+from publishers import results, topics
 from publishers.errors import FrameDecodeError
 from publishers.mqtt import MqttConfig
 from publishers.wire import Frame

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_workers import results
+from publishers import results
 from edge_workers.ingest import Subscriber
 from publishers import topics
 from publishers.mqtt import MqttConfig

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge_workers import results
+from publishers import results
 from publishers import mqtt as mqttlib
 from publishers import topics, wire
 from publishers.config import PublishConfig

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from edge_workers import results
+from publishers import results
 from edge_workers.denoise import METHODS, DenoiseConfig, Denoiser, as_unit_frames
 from edge_workers.reduce import PCA_FILE, PCAModel
 from edge_workers.runtime import models_dir

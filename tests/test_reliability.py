@@ -73,7 +73,7 @@ def test_a_device_resends_frames_whose_result_does_not_come(broker, mqtt_cfg) ->
     """End-to-end at-least-once at the device: an answerer that ignores each frame's first copy still answers all."""
     import threading
 
-    from edge_workers import results
+    from publishers import results
     from edge_workers.ingest import decode_frame
 
     answerer = Subscriber(mqtt_cfg, "answerer", topics.FRAMES_FILTER, persistent=True).start()

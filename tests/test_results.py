@@ -1,4 +1,4 @@
-"""Result messages: one result object or an array of one device's results (edge_workers/results.py), and the
+"""Result messages: one result object or an array of one device's results (publishers/results.py), and the
 readers that count them (collector, pipeline benchmark, device)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from edge_workers import results
+from publishers import results
 from infra.bench.pipeline_phases import _Answers
 from infra.collector import ResultStats
 from publishers import topics

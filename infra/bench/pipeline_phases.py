@@ -85,7 +85,7 @@ class _Answers:
     """
 
     def __init__(self):
-        from edge_workers import results
+        from publishers import results
 
         self._decode, self._error = results.decode_all, results.ResultDecodeError
         self.seen: set[tuple[str, int]] = set()

@@ -1,4 +1,4 @@
-"""The result messages edge workers publish to edgeq/v1/results/<device_id> (spec: docs/pipeline.md).
+"""Result messages on edgeq/v1/results/<device_id>, part of the device protocol (spec: docs/pipeline.md).
 
 A result is a small UTF-8 JSON object, one per frame:
 
