@@ -20,20 +20,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cloud_workers.manifest import update_manifest
-from cloud_workers.train import (
-    EVAL_NOISE,
-    NOISY_KEY,
-    random_shift,
-    sensor_noise,
-    sha256_file,
-    split_train,
-)
+from cloud_workers.train import random_shift, sensor_noise, split_train
 from edge_workers.codecs import UplinkCodec, calibrate_int8
 from edge_workers.denoise import DenoiseConfig, Denoiser
 from edge_workers.reduce import PCA_FILE, fit_pca
+from modelstore.files import sha256_file
+from modelstore.interface import NOISY_KEY, noisy_copy
+from modelstore.manifest import update_manifest
 from publishers.datasets import load_mnist
-from publishers.noise import add_noise
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +271,7 @@ def fit_reduction_models(data_dir: str | Path, out_dir: str | Path = "models", c
     model = train_pca_mlp(coeffs, y_aug, mlp_cfg, val=(val_c, np.tile(val.labels, 2)), progress=progress)
     mlp_path = export_mlp_onnx(model, out_dir / MLP_FILE)
     test_c = pipeline_coefficients(test.images, denoiser, codec)
-    noisy_c = pipeline_coefficients(add_noise(test.images, EVAL_NOISE, np.random.default_rng(seed)), denoiser, codec)
+    noisy_c = pipeline_coefficients(noisy_copy(test.images, seed), denoiser, codec)
     check = verify_export(model, mlp_path, test_c)
     acc = {name: float(np.mean(onnx_mlp_logits(mlp_path, c).argmax(axis=1) == test.labels))
            for name, c in (("clean", test_c), (NOISY_KEY, noisy_c))}

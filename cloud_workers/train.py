@@ -9,7 +9,6 @@ torch and onnx come from the ``train`` extra and are imported lazily.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import time
@@ -20,7 +19,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cloud_workers.manifest import MANIFEST_FORMAT, read_manifest, write_manifest
+from modelstore.evaluate import evaluate_onnx, onnx_logits
+from modelstore.files import sha256_file
+from modelstore.interface import (
+    EVAL_NOISE,
+    EVAL_SEED,
+    INPUT_NAME,
+    INPUT_SPEC,
+    NOISY_KEY,
+    OUTPUT_NAME,
+    OUTPUT_SPEC,
+    noisy_copy,
+    to_input,
+)
+from modelstore.manifest import MANIFEST_FORMAT, read_manifest, write_manifest
 from publishers.datasets import LabelledImages, load_mnist
 from publishers.errors import ConfigError, EdgeqError
 from publishers.noise import NoiseConfig, add_noise
@@ -29,9 +41,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-INPUT_SCALE = "uint8/255"
 OPSET = 17
 # Op types the downstream quantizer supports; an export with anything else fails.
 ALLOWED_OPS = frozenset({"Conv", "Relu", "MaxPool", "Flatten", "Reshape", "Gemm", "MatMul", "Add"})
@@ -40,11 +49,8 @@ MAX_SHIFT = 2  # pixels, augmentation
 NOISY_FRACTION = 0.5  # of training samples that get sensor noise each epoch
 GAUSSIAN_LEVELS = (0.1, 0.3)  # uniform range of the gaussian sigma (fraction of full scale)
 SALT_PEPPER_LEVELS = (0.02, 0.1)  # uniform range of the salt-and-pepper pixel fraction
-EVAL_NOISE = NoiseConfig("gaussian", 0.2)  # noisy accuracy is reported, never used to select
-NOISY_KEY = f"{EVAL_NOISE.kind}_{EVAL_NOISE.level:g}"  # "gaussian_0.2" in the manifest
 EXPORT_ATOL = 1e-3  # max |onnxruntime - torch| logit difference accepted
 MISSING_TRAIN_EXTRA = "edgeq train needs the train extra: pip install 'edgeq[train]'"
-MISSING_ORT = "edgeq train needs onnxruntime to check exports: pip install 'edgeq[server]'"
 
 
 @dataclass
@@ -63,7 +69,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    seed: int = 1234
+    seed: int = EVAL_SEED
     limit: int | None = None
     threads: int | None = None
     models: tuple[str, ...] = ("edge", "cloud")
@@ -88,14 +94,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- data
-
-
-def to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 28, 28] pixels -> float32 [N, 1, 28, 28] model input (pixels / 255)."""
-    images = np.asarray(images)
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 [N, 28, 28] images, got {images.dtype} {images.shape}")
-    return np.ascontiguousarray(images[:, None, :, :], dtype=np.float32) / np.float32(255.0)
 
 
 def split_train(data: LabelledImages, limit: int | None, seed: int) -> tuple[LabelledImages, LabelledImages]:
@@ -143,43 +141,6 @@ def sensor_noise(images: np.ndarray, rng: np.random.Generator, fraction: float =
 # ---------------------------------------------------------------- onnx helpers
 
 
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise EdgeqError(MISSING_ORT) from err
-    return onnxruntime
-
-
-def _session(path: str | Path, threads: int | None = None):
-    ort = _ort()
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_logits(path: str | Path, images: np.ndarray, batch: int = 256, threads: int | None = None) -> np.ndarray:
-    """Run the ONNX model at `path` on uint8 [N, 28, 28] images; returns float32 logits [N, 10]."""
-    x = to_input(images)
-    sess = _session(path, threads)
-    name = sess.get_inputs()[0].name
-    parts = [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    return np.concatenate(parts).astype(np.float32, copy=False)
-
-
-def evaluate_onnx(path: str | Path, images: np.ndarray, labels: np.ndarray, batch: int = 256) -> float:
-    """Top-1 accuracy in [0, 1] of the ONNX model at `path` (onnxruntime, CPU).
-
-    images: uint8 [N, 28, 28]; labels: integer [N].
-    """
-    labels = np.asarray(labels)
-    if labels.shape != (len(images),):
-        raise ValueError(f"expected labels of shape ({len(images)},), got {labels.shape}")
-    pred = onnx_logits(path, images, batch).argmax(axis=1)
-    return float(np.mean(pred == labels))
-
-
 def onnx_op_types(path: str | Path) -> set[str]:
     """Set of op types in the main graph of the ONNX model at `path`."""
     try:
@@ -187,11 +148,6 @@ def onnx_op_types(path: str | Path) -> set[str]:
     except ImportError as err:
         raise EdgeqError(MISSING_TRAIN_EXTRA) from err
     return {node.op_type for node in onnx.load(str(path)).graph.node}
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- torch
@@ -305,7 +261,7 @@ def _verify_export(torch, model, path: Path, images: np.ndarray, threads: int | 
 def _model_entry(torch, key, model, path, best, fit, val, test, cfg, check) -> dict[str, Any]:
     from cloud_workers.nets import count_parameters
 
-    noisy = add_noise(test.images, EVAL_NOISE, np.random.default_rng(cfg.seed))
+    noisy = noisy_copy(test.images, cfg.seed)
     return {
         "file": path.name,
         "sha256": sha256_file(path),
@@ -314,8 +270,8 @@ def _model_entry(torch, key, model, path, best, fit, val, test, cfg, check) -> d
         "parameters": count_parameters(model),
         "opset": OPSET,
         "op_types": sorted(onnx_op_types(path)),
-        "input": {"name": INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32", "scale": INPUT_SCALE},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", 10], "dtype": "float32"},
+        "input": INPUT_SPEC,
+        "output": OUTPUT_SPEC,
         "test_accuracy": {
             "clean": evaluate_onnx(path, test.images, test.labels),
             NOISY_KEY: evaluate_onnx(path, noisy, test.labels),

@@ -58,14 +58,14 @@ class CloudWorker(LearningMixin):
         self._init_learning(pca, frame_shape, cfg.threads)
         self.metrics_port = None
         if serve_metrics:
-            from infra.metrics_server import serve_metrics as serve
+            from edge_workers.metrics_server import serve_metrics as serve
 
             port = cfg.metrics_port + index if cfg.metrics_port else 0
             self.metrics_port = serve(port, cfg.metrics_addr)
 
     def info(self) -> dict:
         """Where this actor runs and what it accepts (for launchers, tests and edge workers)."""
-        from infra.metrics_server import process_location
+        from edge_workers.metrics_server import process_location
 
         return {
             **process_location(self.index, self.metrics_port, self.cfg.metrics_addr), "pca_k": self.pca_k,

@@ -74,7 +74,7 @@ class EdgeWorker:
         self.pending: collections.deque[PendingCall] = collections.deque()
         self.metrics_port = None
         if serve_metrics:
-            from infra.metrics_server import serve_metrics as serve
+            from edge_workers.metrics_server import serve_metrics as serve
 
             self.metrics_port = serve(cfg.metrics_port + index if cfg.metrics_port else 0, cfg.metrics_addr)
         # Stable id + persistent session: a restarted actor resumes its session and its unacked frames.
@@ -108,7 +108,7 @@ class EdgeWorker:
         return self.info()
 
     def info(self) -> dict:
-        from infra.metrics_server import process_location
+        from edge_workers.metrics_server import process_location
 
         return process_location(self.index, self.metrics_port, self.cfg.metrics_addr)
 

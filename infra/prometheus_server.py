@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from infra.atomic import write_text_atomic
+from modelstore.files import write_text_atomic
 from infra.child_server import ChildServer, port_open
 from publishers.errors import EdgeqError
 

@@ -11,14 +11,14 @@ import math
 
 import numpy as np
 
-from publishers import results
 from edge_workers.denoise import METHODS, DenoiseConfig, Denoiser, as_unit_frames
 from edge_workers.reduce import PCA_FILE, PCAModel
 from edge_workers.runtime import models_dir
 from infra.bench import pipeline_report
-from infra.bench.pipeline import MODES, SATURATION, PipelineBenchConfig, load_name, measure
+from infra.bench.pipeline import measure
+from infra.bench.pipeline_runs import MODES, SATURATION, PipelineBenchConfig, load_name
 from infra.cli import build_parser
-from publishers import wire
+from publishers import results, wire
 from tests.conftest import DATA_DIR
 
 FRAME_PIXELS = 28 * 28
@@ -124,8 +124,9 @@ def test_denoising_uint8_frames_matches_denoising_their_float_scaling() -> None:
 def test_saturation_is_the_best_sustained_throughput_not_the_last_sustained_probe() -> None:
     """Past what the devices can generate, throughput varies from probe to probe: the bisection's last
     sustained probe may carry less than an earlier one (a real ceiling search on 2 cores, figures below)."""
-    from infra.bench.pipeline import ModeResult, find_saturation
+    from infra.bench.pipeline import find_saturation
     from infra.bench.pipeline_phases import Phase
+    from infra.bench.pipeline_runs import ModeResult
 
     # offered -> (captured/s, answered/s, p99 ms), from a run of the ceiling
     seen = {200: (200, 200, 5), 400: (400, 400, 3), 800: (800, 800, 3), 1600: (1600, 1599, 4),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_workers.train import to_input
+from modelstore.interface import to_input
 from edge_workers.runtime import load_runtime
 from infra.bench.models import (
     build_wide_fc,

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 import cloud_workers.metrics  # noqa: F401  (registers the cloud metrics in REGISTRY)
 import edge_workers.metrics  # noqa: F401  (registers the edge metrics in REGISTRY)
 from infra.broker import MosquittoBroker, port_open
-from infra.metrics_server import serve_metrics
+from edge_workers.metrics_server import serve_metrics
 from infra.prometheus_server import PrometheusError, PrometheusServer, target_groups
 from tests.conftest import REPO
 
@@ -221,7 +221,7 @@ FRAMES, BYTES, LATENCIES = 37, 12345, 5
 CHILD = f"""
 import sys, threading
 from edge_workers.metrics import E2E_LATENCY, FRAMES_RECEIVED, PAYLOAD_BYTES
-from infra.metrics_server import serve_metrics
+from edge_workers.metrics_server import serve_metrics
 FRAMES_RECEIVED.inc({FRAMES})
 PAYLOAD_BYTES.labels(direction="device_to_edge").inc({BYTES})
 for _ in range({LATENCIES}):

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from cloud_workers.train import to_input
+from modelstore.interface import to_input
 from edge_workers.qcnn.compress import CompressConfig, compress_model
 from edge_workers.qcnn.evaluate import accuracy, calibration_images
 from edge_workers.qcnn.export import DOMAIN, export_standard
@@ -128,7 +128,7 @@ def test_qcnn_runtime_interface(compressed):
 def test_committed_model_matches_manifest_and_target():
     entry = json.loads((REPO / "models" / "manifest.json").read_text())["models"]["edge_qcnn"]
     path = REPO / "models" / entry["file"]
-    from cloud_workers.train import sha256_file
+    from modelstore.files import sha256_file
 
     assert sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["bytes"] <= MAX_BYTES
     assert entry["test_accuracy"]["clean"] >= entry["float_model"]["test_accuracy"]["clean"] - MAX_LOSS

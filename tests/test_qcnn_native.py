@@ -170,7 +170,7 @@ def test_split():
 
 
 def test_shipped_edge_cnn_native_agrees_with_float_table_qcnn(test_split):
-    from cloud_workers.train import to_input
+    from modelstore.interface import to_input
 
     x = to_input(test_split.images)  # the whole held-out split
     native = load_runtime("qcnn", SHIPPED, kernels="native")

@@ -128,7 +128,7 @@ def test_net_checks_sizes_and_arrays():
 
 @pytest.fixture(scope="module")
 def held_out():
-    from cloud_workers.train import to_input
+    from modelstore.interface import to_input
 
     return to_input(load_mnist(REPO / "data" / "mnist", "test").images[:1000])
 

@@ -10,16 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from cloud_workers.train import (
-    ALLOWED_OPS,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    TrainConfig,
-    evaluate_onnx,
-    onnx_op_types,
-    sha256_file,
-    train_reference_models,
-)
+from cloud_workers.train import ALLOWED_OPS, TrainConfig, onnx_op_types, train_reference_models
+from modelstore.evaluate import evaluate_onnx
+from modelstore.files import sha256_file
+from modelstore.interface import INPUT_NAME, OUTPUT_NAME
 from publishers.datasets import load_mnist
 
 logger = logging.getLogger(__name__)

@@ -6,18 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud_workers.train import (
-    EVAL_NOISE,
-    INPUT_NAME,
-    INPUT_SCALE,
-    NOISY_KEY,
-    OUTPUT_NAME,
-    TrainConfig,
-    sha256_file,
-    to_input,
-)
+from modelstore import evaluate
+from modelstore.files import sha256_file
+from modelstore.interface import INPUT_SPEC, OUTPUT_SPEC, to_input
 from publishers.datasets import load_mnist
-from publishers.noise import add_noise
 
 
 def calibration_images(data_dir, n: int, seed: int = 0) -> np.ndarray:
@@ -47,18 +39,14 @@ def accuracy(key: str, path, images: np.ndarray, labels: np.ndarray, batch: int 
     """Top-1 accuracy in [0, 1] of the model at `path` under runtime `key`; images uint8 [N, 28, 28]."""
     from edge_workers.runtime import load_runtime
 
-    rt = load_runtime(key, path, threads=threads)
-    x = to_input(images)
-    pred = np.concatenate([rt.predict(x[i:i + batch]).argmax(axis=1) for i in range(0, len(x), batch)])
-    return float(np.mean(pred == np.asarray(labels)))
+    return evaluate.accuracy(load_runtime(key, path, threads=threads).predict, images, labels, batch)
 
 
 def test_accuracies(key: str, path, data_dir, threads: int = 1) -> dict[str, float]:
     """Held-out test accuracy, clean and with the manifest's gaussian noise (same RNG seed as training)."""
-    test = load_mnist(data_dir, "test")
-    noisy = add_noise(test.images, EVAL_NOISE, np.random.default_rng(TrainConfig().seed))
-    return {"clean": accuracy(key, path, test.images, test.labels, threads=threads),
-            NOISY_KEY: accuracy(key, path, noisy, test.labels, threads=threads)}
+    from edge_workers.runtime import load_runtime
+
+    return evaluate.held_out_accuracies(load_runtime(key, path, threads=threads).predict, load_mnist(data_dir, "test"))
 
 
 def manifest_entry(report, data_dir, standard_path=None, threads: int = 1) -> dict:
@@ -80,8 +68,8 @@ def manifest_entry(report, data_dir, standard_path=None, threads: int = 1) -> di
         "float_model": {"file": float_path.name, "bytes": report.in_bytes,
                         "test_accuracy": test_accuracies("onnx", float_path, data_dir, threads)},
         "compression_vs_float": round(report.ratio, 3),
-        "input": {"name": INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32", "scale": INPUT_SCALE},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", 10], "dtype": "float32"},
+        "input": INPUT_SPEC,
+        "output": OUTPUT_SPEC,
         "test_accuracy": test_accuracies("qcnn", path, data_dir, threads),
         "test_images": len(load_mnist(data_dir, "test")),
         "calib_images": report.calib_images,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from infra.bench.pipeline import MODES, SATURATION, ModeResult, PipelineBenchConfig, load_name
+from infra.bench.pipeline_runs import MODES, SATURATION, ModeResult, PipelineBenchConfig, load_name
 from infra.bench.report import Table, machine_info, write_markdown
 
 PLOT = "pipeline_latency.png"

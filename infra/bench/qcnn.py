@@ -242,7 +242,7 @@ def time_variants(case: Case, cfg: QcnnBenchConfig, progress: Progress) -> None:
 
 
 def make_cases(cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[Case]:
-    from cloud_workers.train import to_input
+    from modelstore.interface import to_input
     from infra.bench.models import build_wide_fc
     from publishers.datasets import load_mnist
 

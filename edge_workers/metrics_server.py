@@ -1,4 +1,4 @@
-"""Serving a process's Prometheus metrics over HTTP (prometheus-client's server thread)."""
+"""A worker process's Prometheus metrics over HTTP (prometheus-client's server thread), for edge and cloud."""
 
 from __future__ import annotations
 

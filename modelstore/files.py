@@ -1,7 +1,8 @@
-"""Atomic file replacement: a reader (Prometheus, a loader) never sees half a file."""
+"""Model and config files on disk: content hashes, and atomic replacement so a reader never sees half a file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -25,3 +26,8 @@ def write_text_atomic(path: str | Path, text: str, mode: int = 0o644) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from infra.atomic import write_text_atomic
+from modelstore.files import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
