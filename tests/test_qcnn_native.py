@@ -305,3 +305,32 @@ print(json.dumps({{"package": edge_workers.__file__, "paths": fastscan.paths(),
     assert len(warnings) == 1, proc.stderr  # one line, once per process
     assert warnings[0].startswith("WARNING edge_workers.qcnn.fastscan:") and "edge_workers.qcnn._fastscan" in warnings[0]
     assert "C compiler" in warnings[0]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_net_pq_conv_channels_last_gives_the_conv_kernels_outputs(case):
+    """The net runs PQ convs on channels-last activations, scanning kernel rows in place (or gathering them for
+    groups, dilations and odd row lengths): same tables, offsets and integer sums as the standalone conv kernel,
+    so the same floats, on every path. A ReLU and a 2 x 2 pooling after it check the layouts around it."""
+    from edge_workers.qcnn import native_net
+
+    C_in, C_out, kernel, strides, pads, dil, group, dsub, K, H, W = case
+    rng = np.random.default_rng(C_in + 3 * C_out + K)
+    M, S = C_in // dsub, kernel[0] * kernel[1]
+    layer = fastscan.FastScanConv(rng.normal(size=(M, K, dsub)).astype(np.float32),
+                                  rng.integers(0, K, size=(S, M // group, C_out)).astype(np.int32),
+                                  rng.normal(size=C_out).astype(np.float32), kernel, strides, pads, dil, group)
+    x = rng.normal(size=(3, C_in, H, W)).astype(np.float32)
+    pq = native_net._pq(None, layer, (C_in, H, W))
+    OH, OW = layer.out_size(H, W)
+    alone = native_net.NativeNet([pq], (C_out, OH, OW))
+    for path in PATHS:
+        layer.path = alone.path = path
+        want = layer.apply(x)
+        assert np.array_equal(alone.run(x), want), path
+    if OH >= 2 and OW >= 2:
+        pool = (native_net.MAXPOOL, native_net._sizes(C=C_out, H=OH, W=OW, kh=2, kw=2, sh=2, sw=2, OH=OH // 2,
+                                                      OW=OW // 2), ())
+        net = native_net.NativeNet([(*pq, True), pool], (C_out, OH // 2, OW // 2))
+        r = np.maximum(want, 0)[:, :, :OH // 2 * 2, :OW // 2 * 2].reshape(3, C_out, OH // 2, 2, OW // 2, 2)
+        assert np.array_equal(net.run(x), r.max(axis=(3, 5)))

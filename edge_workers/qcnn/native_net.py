@@ -188,6 +188,17 @@ class NativeNet:
         self._run(x, y)
         return y
 
+    def profile(self, x: np.ndarray, repeats: int = 1) -> np.ndarray:
+        """float64 [len(layers)]: microseconds per sample in each layer (one thread, median of `repeats` calls).
+
+        x: float32 [N, *input_dims]. A layer's time includes its input's transpose to the layout it runs in
+        (native/net.h: window layers channels-last, FC layers flat) and, for the last layer, the output's.
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty((len(x), *self.out_shape), np.float32)
+        runs = [self._mod.net_profile(self._net, x, y, len(x), self.path) for _ in range(max(1, repeats))]
+        return np.median(np.asarray(runs, np.float64), axis=0) / 1e3 / max(1, len(x))
+
     def _run(self, x: np.ndarray, y: np.ndarray) -> None:
         # threads > 1: the C code runs half the batch on its own helper thread, which spins between calls (a
         # Python pool thread sleeps, and waking it cost as much as the split saved on this VM).

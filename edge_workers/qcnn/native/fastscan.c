@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define FS_X86 1
@@ -315,6 +316,7 @@ static PyMethodDef methods[] = {
     {"conv", py_conv, METH_VARARGS, conv_doc},
     {"net_new", py_net_new, METH_VARARGS, net_new_doc},
     {"net_run", py_net_run, METH_VARARGS, net_run_doc},
+    {"net_profile", py_net_profile, METH_VARARGS, net_profile_doc},
     {"paths", py_paths, METH_NOARGS, "Paths this CPU can run, best first (always ends with 'scalar')."},
     {"compiled_paths", py_compiled_paths, METH_NOARGS, "Paths compiled into this build, best first."},
     {NULL, NULL, 0, NULL},

@@ -228,6 +228,8 @@ __attribute__((target("avx2"))) static void quantize_avx2(const float *lut, cons
 
 static float scale_for(float widest) { return widest > 0.0f ? widest / 255.0f : 1.0f; }
 
+#include "scan_seg.h" /* segmented scans (a conv's taps read in place), AVX-512 table builders */
+
 /* ---------------------------------------------------------------------------------- path dispatch */
 
 typedef float (*rows_fn)(const float *x, Py_ssize_t x_stride, const float *cbt, Py_ssize_t M, Py_ssize_t dsub,
@@ -239,6 +241,9 @@ typedef struct {
     scan_fn scan;
     rows_fn rows;
     quantize_fn quantize;
+    scan_seg_fn scan_seg;
+    rows_n_fn rows_n;
+    int seg_step; /* rows per step of scan_seg: a segment's length must be a multiple of it */
     int (*supported)(void);
 } path_t;
 
@@ -251,13 +256,13 @@ static int has_avx512bw(void) { return __builtin_cpu_supports("avx512f") && __bu
 /* Best first; "scalar" last. */
 static const path_t PATHS[] = {
 #ifdef FS_X86
-    {"avx512bw", scan_avx512bw, rows_avx2, quantize_avx2, has_avx512bw},
-    {"avx2", scan_avx2, rows_avx2, quantize_avx2, has_avx2},
+    {"avx512bw", scan_avx512bw, rows_avx512, quantize_avx512, scan_seg_avx512, rows_n_avx512, 4, has_avx512bw},
+    {"avx2", scan_avx2, rows_avx2, quantize_avx2, scan_seg_avx2, rows_n_avx2, 2, has_avx2},
 #endif
 #ifdef FS_NEON
-    {"neon", scan_neon, rows_scalar, quantize_scalar, always},
+    {"neon", scan_neon, rows_scalar, quantize_scalar, scan_seg_scalar, rows_n_scalar, 1, always},
 #endif
-    {"scalar", scan_scalar, rows_scalar, quantize_scalar, always},
+    {"scalar", scan_scalar, rows_scalar, quantize_scalar, scan_seg_scalar, rows_n_scalar, 1, always},
 };
 #define N_PATHS ((int)(sizeof PATHS / sizeof PATHS[0]))
 

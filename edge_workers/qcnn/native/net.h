@@ -37,20 +37,26 @@ enum { NET_CONV = 1, NET_PQCONV, NET_PQGEMM, NET_GEMM, NET_RELU, NET_MAXPOOL };
 
 typedef struct {
     int kind, relu;                 /* relu: max(y, 0) on this layer's output */
+    int tr_in;                      /* transpose the input first: 0 no, 1 [C, HW] -> [HW, C], 2 back */
+    int pool2, fused;               /* CONV: also does the 2 x 2 max pooling after it; that MAXPOOL: skipped */
     conv_t c;                       /* geometry (conv_t field meanings; FC: C inputs, C_out outputs) */
     Py_ssize_t in_size, out_size;   /* floats per sample */
+    Py_ssize_t tc, thw;             /* channels and positions of a transposed input */
+    float *wt, *bp;                 /* NET_CONV: weights and bias as net_conv_weights lays them out (owned) */
     Py_buffer arrays[NET_MAX_ARRAYS];
 } net_op_t;
 
 typedef struct {
     Py_ssize_t n_ops, in_size, out_size, act_size; /* act_size: largest activation, floats */
+    int tr_out;                                    /* the last layer's output is [HW, C]: transpose it */
+    Py_ssize_t oc, ohw;
     net_op_t *ops;
 } net_t;
 
-/* Per-call work buffers: two activations, im2col columns (or pooling row maxima), FC tables, one conv_buf_t per
+/* Per-call work buffers: two activations, a transposed one, a padded conv input, FC tables, one conv_buf_t per
  * PQ conv. */
 typedef struct {
-    float *act[2], *cols, *lut;
+    float *act[2], *tr, *pad, *lut;
     uint8_t *q;
     conv_buf_t *conv;
 } net_ws_t;
@@ -59,94 +65,8 @@ static float *fbuf(const net_op_t *op, int i) { return (float *)op->arrays[i].bu
 
 /* ------------------------------------------------------------------------------------- float layers */
 
-/* The outputs ow in [lo, hi) of a row (ow < OW) whose input column iw0 + ow * sw lies in [0, W). */
-static void net_span(Py_ssize_t iw0, Py_ssize_t sw, Py_ssize_t W, Py_ssize_t OW, Py_ssize_t *lo, Py_ssize_t *hi) {
-    Py_ssize_t l = iw0 >= 0 ? 0 : (-iw0 + sw - 1) / sw, h = W - 1 - iw0 < 0 ? 0 : (W - 1 - iw0) / sw + 1;
-    h = h < OW ? h : OW;
-    *lo = l < h ? l : h;
-    *hi = h;
-}
-
-/* cols [C*kh*kw, OH*OW]: the input values each kernel tap sees at each output position (0 in the padding). */
-NET_CLONES static void net_im2col(const conv_t *c, const float *x, float *cols) {
-    Py_ssize_t P = c->OH * c->OW;
-    for (Py_ssize_t ch = 0, k = 0; ch < c->C; ch++)
-        for (Py_ssize_t a = 0; a < c->kh; a++)
-            for (Py_ssize_t bb = 0; bb < c->kw; bb++, k++) {
-                Py_ssize_t iw0 = bb * c->dw - c->pl, lo, hi; /* output columns [lo, hi) read inside a row */
-                net_span(iw0, c->sw, c->W, c->OW, &lo, &hi);
-                for (Py_ssize_t oh = 0; oh < c->OH; oh++) {
-                    float *col = cols + k * P + oh * c->OW;
-                    Py_ssize_t ih = oh * c->sh + a * c->dh - c->pt;
-                    if (ih < 0 || ih >= c->H) {
-                        for (Py_ssize_t ow = 0; ow < c->OW; ow++) col[ow] = 0.0f;
-                        continue;
-                    }
-                    const float *row = x + (ch * c->H + ih) * c->W + iw0;
-                    for (Py_ssize_t ow = 0; ow < lo; ow++) col[ow] = 0.0f;
-                    if (c->sw == 1) /* a short span: an inline (vectorized) loop beats a memcpy call */
-                        for (Py_ssize_t ow = lo; ow < hi; ow++) col[ow] = row[ow];
-                    else
-                        for (Py_ssize_t ow = lo; ow < hi; ow++) col[ow] = row[ow * c->sw];
-                    for (Py_ssize_t ow = hi; ow < c->OW; ow++) col[ow] = 0.0f;
-                }
-            }
-}
-
-typedef float net_v8 __attribute__((vector_size(32))); /* GCC/clang vector: one AVX register, or two SSE */
-typedef int32_t net_i8 __attribute__((vector_size(32)));
-#define NET_LOAD8(p) ({ net_v8 v_; memcpy(&v_, (p), sizeof v_); v_; }) /* unaligned load */
-#define NET_RELU8(v) ((v) = (net_v8)((net_i8)(v) & (net_i8)((v) > 0.0f))) /* lanes <= 0 (or NaN) -> +0 */
-
 NET_CLONES static void net_relu(const float *x, float *y, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
-}
-
-/* One output channel's positions [i0, P) one at a time (what the tiles leave over). */
-static void net_conv_rest(const float *cols, Py_ssize_t P, Py_ssize_t KK, Py_ssize_t i0, const float *wo, float bo,
-                          float *yo) {
-    for (Py_ssize_t i = i0; i < P; i++) {
-        float s = 0.0f;
-        for (Py_ssize_t k = 0; k < KK; k++) s += wo[k] * cols[k * P + i];
-        yo[i] = s + bo;
-    }
-}
-
-/* y [C_out, OH*OW] = w [C_out, C*kh*kw] @ net_im2col(x) + b. cols: [C*kh*kw, OH*OW] scratch.
- * Tiles of 32 positions x 2 output channels keep their eight 8-wide sums in registers over the whole k loop
- * (each loaded column vector feeds two multiply-adds); the outer loop over position tiles keeps one tile of
- * columns in the L1 cache while every channel pair reads it. */
-NET_CLONES static void net_conv(const conv_t *c, const float *x, const float *w, const float *b, int relu,
-                                float *cols, float *y) {
-    Py_ssize_t P = c->OH * c->OW, KK = c->C * c->kh * c->kw, i0 = 0, pairs = c->C_out / 2;
-    net_im2col(c, x, cols);
-    for (; i0 + 32 <= P; i0 += 32)
-        for (Py_ssize_t o = 0; o < 2 * pairs; o += 2) {
-            const float *w0 = w + o * KK, *w1 = w0 + KK;
-            const net_v8 zero = {0};
-            net_v8 a0 = zero, a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-            for (Py_ssize_t k = 0; k < KK; k++) {
-                const float *col = cols + k * P + i0;
-                net_v8 c0 = NET_LOAD8(col), c1 = NET_LOAD8(col + 8), c2 = NET_LOAD8(col + 16),
-                       c3 = NET_LOAD8(col + 24), u = zero + w0[k], v = zero + w1[k]; /* broadcasts */
-                a0 += u * c0; a1 += u * c1; a2 += u * c2; a3 += u * c3;
-                b0 += v * c0; b1 += v * c1; b2 += v * c2; b3 += v * c3;
-            }
-            float *y0 = y + o * P + i0, *y1 = y0 + P;
-            a0 += b[o]; a1 += b[o]; a2 += b[o]; a3 += b[o];
-            b0 += b[o + 1]; b1 += b[o + 1]; b2 += b[o + 1]; b3 += b[o + 1];
-            if (relu) {
-                NET_RELU8(a0); NET_RELU8(a1); NET_RELU8(a2); NET_RELU8(a3);
-                NET_RELU8(b0); NET_RELU8(b1); NET_RELU8(b2); NET_RELU8(b3);
-            }
-            memcpy(y0, &a0, 32); memcpy(y0 + 8, &a1, 32); memcpy(y0 + 16, &a2, 32); memcpy(y0 + 24, &a3, 32);
-            memcpy(y1, &b0, 32); memcpy(y1 + 8, &b1, 32); memcpy(y1 + 16, &b2, 32); memcpy(y1 + 24, &b3, 32);
-        }
-    for (Py_ssize_t o = 0; o < c->C_out; o++) { /* positions the tiles left over; an odd last channel */
-        Py_ssize_t from = o < 2 * pairs ? i0 : 0;
-        net_conv_rest(cols, P, KK, from, w + o * KK, b[o], y + o * P);
-        if (relu) net_relu(y + o * P + from, y + o * P + from, P - from);
-    }
 }
 
 NET_CLONES static void net_gemm(const float *x, Py_ssize_t C, const float *w, const float *b, Py_ssize_t C_out,
@@ -159,44 +79,7 @@ NET_CLONES static void net_gemm(const float *x, Py_ssize_t C, const float *w, co
     }
 }
 
-/* Max over each window: first over its rows (whole input rows, vectorized), then along the row.
- * rowmax: W floats of scratch. */
-NET_CLONES static void net_maxpool(const conv_t *c, const float *x, float *rowmax, float *y) {
-    if (c->kh == 2 && c->kw == 2 && c->sh == 2 && c->sw == 2 && !c->pt && !c->pl && 2 * c->OH <= c->H &&
-        2 * c->OW <= c->W) { /* the common 2 x 2 pooling: no padding, constant strides the compiler vectorizes */
-        for (Py_ssize_t ch = 0; ch < c->C; ch++)
-            for (Py_ssize_t oh = 0; oh < c->OH; oh++) {
-                const float *r0 = x + (ch * c->H + 2 * oh) * c->W, *r1 = r0 + c->W;
-                float *yr = y + (ch * c->OH + oh) * c->OW;
-                for (Py_ssize_t ow = 0; ow < c->OW; ow++) {
-                    float a = r0[2 * ow] > r1[2 * ow] ? r0[2 * ow] : r1[2 * ow];
-                    float b = r0[2 * ow + 1] > r1[2 * ow + 1] ? r0[2 * ow + 1] : r1[2 * ow + 1];
-                    yr[ow] = a > b ? a : b;
-                }
-            }
-        return;
-    }
-    for (Py_ssize_t ch = 0; ch < c->C; ch++)
-        for (Py_ssize_t oh = 0; oh < c->OH; oh++) {
-            for (Py_ssize_t iw = 0; iw < c->W; iw++) rowmax[iw] = -INFINITY;
-            for (Py_ssize_t a = 0; a < c->kh; a++) {
-                Py_ssize_t ih = oh * c->sh + a - c->pt;
-                if (ih < 0 || ih >= c->H) continue;
-                const float *row = x + (ch * c->H + ih) * c->W;
-                for (Py_ssize_t iw = 0; iw < c->W; iw++) rowmax[iw] = row[iw] > rowmax[iw] ? row[iw] : rowmax[iw];
-            }
-            float *yr = y + (ch * c->OH + oh) * c->OW;
-            for (Py_ssize_t ow = 0; ow < c->OW; ow++) yr[ow] = -INFINITY;
-            for (Py_ssize_t bb = 0; bb < c->kw; bb++) {
-                Py_ssize_t iw0 = bb - c->pl, lo, hi; /* output columns [lo, hi) read inside the row */
-                net_span(iw0, c->sw, c->W, c->OW, &lo, &hi);
-                for (Py_ssize_t ow = lo; ow < hi; ow++) {
-                    float v = rowmax[iw0 + ow * c->sw];
-                    yr[ow] = v > yr[ow] ? v : yr[ow];
-                }
-            }
-        }
-}
+#include "net_hwc.h" /* the window layers on channels-last activations */
 
 /* ------------------------------------------------------------------------------------------ PQ FC */
 
@@ -218,20 +101,19 @@ static void net_pqgemm(const path_t *p, const net_op_t *op, const float *x, floa
 /* -------------------------------------------------------------------------------------------- run */
 
 static void net_ws_free(const net_t *net, net_ws_t *ws) {
-    free(ws->act[0]); free(ws->act[1]); free(ws->cols); free(ws->lut); free(ws->q);
+    free(ws->act[0]); free(ws->act[1]); free(ws->tr); free(ws->pad); free(ws->lut); free(ws->q);
     if (ws->conv)
         for (Py_ssize_t i = 0; i < net->n_ops; i++) conv_free(&ws->conv[i]);
     free(ws->conv);
 }
 
 static int net_ws_alloc(const net_t *net, net_ws_t *ws) {
-    Py_ssize_t cols = 1, lut = 1, q = 1;
+    Py_ssize_t pad = 1, lut = 1, q = 1;
     for (Py_ssize_t i = 0; i < net->n_ops; i++) {
         const net_op_t *op = &net->ops[i];
         const conv_t *c = &op->c;
-        if (op->kind == NET_CONV && c->C * c->kh * c->kw * c->OH * c->OW > cols)
-            cols = c->C * c->kh * c->kw * c->OH * c->OW;
-        if (op->kind == NET_MAXPOOL && c->W > cols) cols = c->W; /* row maxima */
+        Py_ssize_t padded = (c->H + c->pt + c->pb) * (c->W + c->pl + c->pr) * c->C;
+        if (op->kind == NET_CONV && padded > pad) pad = padded;
         if (op->kind == NET_PQGEMM) {
             lut = c->M * 17 > lut ? c->M * 17 : lut;
             q = c->Mp * 16 > q ? c->Mp * 16 : q;
@@ -239,41 +121,71 @@ static int net_ws_alloc(const net_t *net, net_ws_t *ws) {
     }
     ws->act[0] = malloc(sizeof(float) * (size_t)net->act_size);
     ws->act[1] = malloc(sizeof(float) * (size_t)net->act_size);
-    ws->cols = malloc(sizeof(float) * (size_t)cols);
+    ws->tr = malloc(sizeof(float) * (size_t)(net->act_size > net->in_size ? net->act_size : net->in_size));
+    ws->pad = malloc(sizeof(float) * (size_t)pad);
     ws->lut = malloc(sizeof(float) * (size_t)lut);
     ws->q = calloc((size_t)q, 1);
     ws->conv = calloc((size_t)net->n_ops, sizeof(conv_buf_t));
-    if (!ws->act[0] || !ws->act[1] || !ws->cols || !ws->lut || !ws->q || !ws->conv) return -1;
+    if (!ws->act[0] || !ws->act[1] || !ws->tr || !ws->pad || !ws->lut || !ws->q || !ws->conv) return -1;
     for (Py_ssize_t i = 0; i < net->n_ops; i++)
         if (net->ops[i].kind == NET_PQCONV && conv_alloc(&net->ops[i].c, &ws->conv[i])) return -1;
     return 0;
 }
 
-/* y [N, out_size] = the net applied to x [N, in_size]. 0, or -1 when out of memory. */
-static int net_run(const path_t *p, const net_t *net, const float *x, Py_ssize_t N, float *y) {
+static long long net_clock_ns(void) {
+#if defined(CLOCK_MONOTONIC)
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+#else
+    return 0;
+#endif
+}
+
+/* y [N, out_size] = the net applied to x [N, in_size]; ns (optional, [n_ops]) gains each layer's time,
+ * its input transpose included. 0, or -1 when out of memory. */
+static int net_run_timed(const path_t *p, const net_t *net, const float *x, Py_ssize_t N, float *y, long long *ns) {
     net_ws_t ws = {0};
     int rc = net_ws_alloc(net, &ws);
     for (Py_ssize_t n = 0; n < N && !rc; n++) {
         const float *in = x + n * net->in_size;
+        int flip = 0;
         for (Py_ssize_t i = 0; i < net->n_ops; i++) {
             const net_op_t *op = &net->ops[i];
-            float *out = i == net->n_ops - 1 ? y + n * net->out_size : ws.act[i % 2];
+            if (op->fused) continue; /* a 2 x 2 pooling done by the conv before it */
+            int last = i == net->n_ops - 1 || (i == net->n_ops - 2 && net->ops[i + 1].fused);
+            long long t0 = ns ? net_clock_ns() : 0;
+            float *out = last && !net->tr_out ? y + n * net->out_size : ws.act[flip];
+            flip ^= 1;
+            if (op->tr_in) {
+                net_transpose(in, op->tc, op->thw, op->tr_in, ws.tr);
+                in = ws.tr;
+            }
             switch (op->kind) {
-            case NET_CONV: net_conv(&op->c, in, fbuf(op, 0), fbuf(op, 1), op->relu, ws.cols, out); break;
+            case NET_CONV:
+                if (op->pool2) net_conv_pool_hwc(&op->c, in, op->wt, op->bp, op->relu, ws.pad, out);
+                else net_conv_hwc(&op->c, in, op->wt, op->bp, op->relu, ws.pad, out);
+                break;
             case NET_PQCONV:
-                conv_sample(p, &op->c, &ws.conv[i], in, fbuf(op, 0), op->arrays[1].buf, fbuf(op, 2), out);
+                net_pqconv_hwc(p, &op->c, &ws.conv[i], in, fbuf(op, 0), op->arrays[1].buf, fbuf(op, 2), out);
                 break;
             case NET_PQGEMM: net_pqgemm(p, op, in, ws.lut, ws.q, out); break;
             case NET_GEMM: net_gemm(in, op->c.C, fbuf(op, 0), fbuf(op, 1), op->c.C_out, out); break;
             case NET_RELU: net_relu(in, out, op->in_size); break;
-            case NET_MAXPOOL: net_maxpool(&op->c, in, ws.cols, out); break;
+            case NET_MAXPOOL: net_maxpool_hwc(&op->c, in, out); break;
             }
             if (op->relu && op->kind != NET_CONV) net_relu(out, out, op->out_size); /* conv: in registers */
+            if (last && net->tr_out) net_transpose(out, net->oc, net->ohw, 2, y + n * net->out_size);
+            if (ns) ns[i] += net_clock_ns() - t0;
             in = out;
         }
     }
     net_ws_free(net, &ws);
     return rc;
+}
+
+static int net_run(const path_t *p, const net_t *net, const float *x, Py_ssize_t N, float *y) {
+    return net_run_timed(p, net, x, N, y, NULL);
 }
 
 /* ------------------------------------------------------------------------- a second thread, spinning */
@@ -369,7 +281,11 @@ static int net_run2(const path_t *p, const net_t *net, const float *x, Py_ssize_
 
 static void net_free(net_t *net) {
     if (!net) return;
-    for (Py_ssize_t i = 0; net->ops && i < net->n_ops; i++) release(net->ops[i].arrays, NET_MAX_ARRAYS);
+    for (Py_ssize_t i = 0; net->ops && i < net->n_ops; i++) {
+        release(net->ops[i].arrays, NET_MAX_ARRAYS);
+        free(net->ops[i].wt);
+        free(net->ops[i].bp);
+    }
     free(net->ops);
     free(net);
 }
@@ -442,6 +358,48 @@ static int net_op_check(net_op_t *op, Py_ssize_t index) {
     return 0;
 }
 
+/* A 2 x 2, stride 2, unpadded max pooling of the conv's whole output rows and columns (floor mode). */
+static int net_poolable(const conv_t *conv, const net_op_t *next) {
+    const conv_t *c = &next->c;
+    return next->kind == NET_MAXPOOL && c->kh == 2 && c->kw == 2 && c->sh == 2 && c->sw == 2 && !c->pt && !c->pl &&
+           !c->pb && !c->pr && c->OH == conv->OH / 2 && c->OW == conv->OW / 2 && c->OH > 0 && c->OW > 0;
+}
+
+/* Channels-last between window layers (net_hwc.h): marks the transposes, lays out the float conv weights.
+ * 0, or -1 when out of memory. */
+static int net_layout(net_t *net) {
+    int hwc = 0;                 /* the current activation is [HW, C] */
+    Py_ssize_t C = 1, HW = 1;    /* its channels and positions while hwc */
+    for (Py_ssize_t i = 0; i < net->n_ops; i++) {
+        net_op_t *op = &net->ops[i];
+        const conv_t *c = &op->c;
+        switch (op->kind) {
+        case NET_CONV: case NET_PQCONV: case NET_MAXPOOL:
+            if (!hwc && c->C > 1 && c->H * c->W > 1) op->tr_in = 1, op->tc = c->C, op->thw = c->H * c->W;
+            hwc = 1;
+            C = op->kind == NET_MAXPOOL ? c->C : c->C_out, HW = c->OH * c->OW;
+            break;
+        case NET_GEMM: case NET_PQGEMM:
+            if (hwc && C > 1 && HW > 1) op->tr_in = 2, op->tc = C, op->thw = HW;
+            hwc = 0;
+            break;
+        }
+        if (op->kind == NET_CONV && i + 1 < net->n_ops && net_poolable(c, &net->ops[i + 1])) {
+            op->pool2 = net->ops[i + 1].fused = 1;
+            C = c->C_out, HW = net->ops[i + 1].c.OH * net->ops[i + 1].c.OW;
+        }
+        if (op->kind == NET_CONV) {
+            Py_ssize_t cop = (c->C_out + 15) / 16 * 16;
+            op->wt = malloc(sizeof(float) * (size_t)(c->kh * c->kw * c->C * cop));
+            op->bp = malloc(sizeof(float) * (size_t)cop);
+            if (!op->wt || !op->bp) return -1;
+            net_conv_weights(c, fbuf(op, 0), fbuf(op, 1), cop, op->wt, op->bp);
+        }
+    }
+    if (hwc && C > 1 && HW > 1) net->tr_out = 1, net->oc = C, net->ohw = HW;
+    return 0;
+}
+
 PyDoc_STRVAR(net_new_doc,
              "net_new(layers) -> net (a capsule)\n"
              "layers: sequence of (kind, sizes, arrays[, relu]); sizes as conv()'s 23-tuple (N ignored), arrays a\n"
@@ -490,6 +448,10 @@ static PyObject *py_net_new(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     net->in_size = net->ops[0].in_size;
     net->out_size = net->ops[n - 1].out_size;
+    if (net_layout(net)) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     Py_DECREF(seq);
     PyObject *capsule = PyCapsule_New(net, NET_CAPSULE, net_capsule_free);
     if (!capsule) net_free(net);
@@ -504,6 +466,35 @@ PyDoc_STRVAR(net_run_doc,
              "net_run(net, x, y, N, path='', threads=1)\n"
              "y float32 [N, out] (written) = the net applied to x float32 [N, in], sample by sample;\n"
              "threads >= 2: the second half of the batch on a helper thread that spins between calls.");
+
+PyDoc_STRVAR(net_profile_doc,
+             "net_profile(net, x, y, N, path='') -> list of int\n"
+             "As net_run on one thread, timing each layer: nanoseconds per layer summed over the N samples.");
+
+static PyObject *py_net_profile(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *capsule;
+    Py_buffer b[2] = {{0}};
+    Py_ssize_t N;
+    const char *path = "";
+    if (!PyArg_ParseTuple(args, "Oy*w*n|s", &capsule, &b[0], &b[1], &N, &path)) return NULL;
+    const net_t *net = PyCapsule_GetPointer(capsule, NET_CAPSULE);
+    const path_t *p = net ? find_path(path) : NULL;
+    long long *ns = net ? calloc((size_t)net->n_ops, sizeof(long long)) : NULL;
+    if (!p || !ns || N < 0 || !need(&b[0], 4 * N * net->in_size, "x") || !need(&b[1], 4 * N * net->out_size, "y")) {
+        free(ns);
+        release(b, 2);
+        return net && p && !ns ? PyErr_NoMemory() : NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = net_run_timed(p, net, b[0].buf, N, b[1].buf, ns);
+    Py_END_ALLOW_THREADS
+    release(b, 2);
+    PyObject *out = rc ? PyErr_NoMemory() : PyList_New(net->n_ops);
+    for (Py_ssize_t i = 0; out && !rc && i < net->n_ops; i++) PyList_SET_ITEM(out, i, PyLong_FromLongLong(ns[i]));
+    free(ns);
+    return out;
+}
 
 static PyObject *py_net_run(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *capsule;

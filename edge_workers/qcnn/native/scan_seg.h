@@ -1,0 +1,213 @@
+/* edgeq Q-CNN fast-scan kernels: segmented scans and the AVX-512 table builders.
+ *
+ * Included once, by fastscan_kernels.h (before the path table). A segmented scan reads its tables from
+ * `nseg` segments of `seglen` consecutive 16-byte rows, segment i starting at lut + i * lut_step bytes,
+ * against codes + i * seglen * 16: a convolution's kernel row a (kw taps, all subspaces of the one group)
+ * is one segment of the padded position-major table array, so an output position is scanned straight
+ * from the tables without first gathering its taps' rows into one buffer. The integer sums are the
+ * plain scan's, on every path. seglen must be a multiple of the path's step (scan_step: 1 scalar/NEON,
+ * 2 AVX2, 4 AVX-512BW); callers gather otherwise.
+ *
+ * sums[32] = sum over the segments' rows of lut[row, code(row, output)], outputs of one block of 32.
+ */
+#ifndef EDGEQ_FASTSCAN_SEG_H
+#define EDGEQ_FASTSCAN_SEG_H
+
+typedef void (*scan_seg_fn)(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen,
+                            Py_ssize_t lut_step, uint32_t *sums);
+
+static void scan_seg_scalar(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen,
+                            Py_ssize_t lut_step, uint32_t *sums) {
+    uint32_t acc[FS_BLOCK] = {0};
+    for (Py_ssize_t s = 0; s < nseg; s++)
+        for (Py_ssize_t q = 0; q < seglen; q++) {
+            const uint8_t *c = codes + (s * seglen + q) * 16, *t = lut + s * lut_step + q * 16;
+            for (int i = 0; i < 16; i++) {
+                acc[i] += t[c[i] & 15];
+                acc[16 + i] += t[c[i] >> 4];
+            }
+        }
+    memcpy(sums, acc, sizeof acc);
+}
+
+#ifdef FS_X86
+__attribute__((target("avx2"))) static void scan_seg_avx2(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg,
+                                                          Py_ssize_t seglen, Py_ssize_t lut_step, uint32_t *sums) {
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    __m256i wl = s0, ol = s0, wh = s0, oh = s0;
+    int steps = 0; /* since the last flush; each adds at most 255 to an accumulator */
+    for (Py_ssize_t s = 0; s < nseg; s++) {
+        const uint8_t *cs = codes + s * seglen * 16, *ts = lut + s * lut_step;
+        for (Py_ssize_t q = 0; q < seglen; q += 2) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(cs + q * 16));
+            __m256i t = _mm256_loadu_si256((const __m256i *)(ts + q * 16));
+            __m256i rl = _mm256_shuffle_epi8(t, _mm256_and_si256(c, nib));
+            __m256i rh = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), nib));
+            wl = _mm256_add_epi16(wl, rl);
+            ol = _mm256_add_epi16(ol, _mm256_srli_epi16(rl, 8));
+            wh = _mm256_add_epi16(wh, rh);
+            oh = _mm256_add_epi16(oh, _mm256_srli_epi16(rh, 8));
+            if (++steps == FS_FLUSH) {
+                flush_avx2(wl, ol, &s0, &s1);
+                flush_avx2(wh, oh, &s2, &s3);
+                wl = ol = wh = oh = _mm256_setzero_si256();
+                steps = 0;
+            }
+        }
+    }
+    flush_avx2(wl, ol, &s0, &s1);
+    flush_avx2(wh, oh, &s2, &s3);
+    _mm256_storeu_si256((__m256i *)sums, s0);
+    _mm256_storeu_si256((__m256i *)(sums + 8), s1);
+    _mm256_storeu_si256((__m256i *)(sums + 16), s2);
+    _mm256_storeu_si256((__m256i *)(sums + 24), s3);
+}
+
+/* whole, odd: 32 x u16 (four lanes of 8, one subspace each), as flush_avx2's; the lanes are summed first
+ * (each u32 sum holds at most 4 * 255 * FS_FLUSH), then added to a0 (outputs 0-7) and a1 (8-15). */
+__attribute__((target("avx512f,avx512bw"))) static inline void flush_avx512(__m512i whole, __m512i odd, __m256i *a0,
+                                                                           __m256i *a1) {
+    __m512i even = _mm512_sub_epi16(whole, _mm512_slli_epi16(odd, 8));
+    __m512i e = _mm512_add_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(even)),
+                                 _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(even, 1)));
+    __m512i o = _mm512_add_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(odd)),
+                                 _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(odd, 1)));
+    __m256i e8 = _mm256_add_epi32(_mm512_castsi512_si256(e), _mm512_extracti64x4_epi64(e, 1));
+    __m256i o8 = _mm256_add_epi32(_mm512_castsi512_si256(o), _mm512_extracti64x4_epi64(o, 1));
+    __m256i lo = _mm256_unpacklo_epi32(e8, o8), hi = _mm256_unpackhi_epi32(e8, o8);
+    *a0 = _mm256_add_epi32(*a0, _mm256_permute2x128_si256(lo, hi, 0x20));
+    *a1 = _mm256_add_epi32(*a1, _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+/* Four subspaces per step (one per 128-bit lane), FAISS's even/odd trick as in scan_avx2. */
+__attribute__((target("avx512f,avx512bw"))) static void scan_seg_avx512(const uint8_t *codes, const uint8_t *lut,
+                                                                        Py_ssize_t nseg, Py_ssize_t seglen,
+                                                                        Py_ssize_t lut_step, uint32_t *sums) {
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    __m512i wl = _mm512_setzero_si512(), ol = wl, wh = wl, oh = wl;
+    int steps = 0;
+    for (Py_ssize_t s = 0; s < nseg; s++) {
+        const uint8_t *cs = codes + s * seglen * 16, *ts = lut + s * lut_step;
+        for (Py_ssize_t q = 0; q < seglen; q += 4) {
+            __m512i c = _mm512_loadu_si512((const void *)(cs + q * 16));
+            __m512i t = _mm512_loadu_si512((const void *)(ts + q * 16));
+            __m512i rl = _mm512_shuffle_epi8(t, _mm512_and_si512(c, nib));
+            __m512i rh = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), nib));
+            wl = _mm512_add_epi16(wl, rl);
+            ol = _mm512_add_epi16(ol, _mm512_srli_epi16(rl, 8));
+            wh = _mm512_add_epi16(wh, rh);
+            oh = _mm512_add_epi16(oh, _mm512_srli_epi16(rh, 8));
+            if (++steps == FS_FLUSH) {
+                flush_avx512(wl, ol, &s0, &s1);
+                flush_avx512(wh, oh, &s2, &s3);
+                wl = ol = wh = oh = _mm512_setzero_si512();
+                steps = 0;
+            }
+        }
+    }
+    flush_avx512(wl, ol, &s0, &s1);
+    flush_avx512(wh, oh, &s2, &s3);
+    _mm256_storeu_si256((__m256i *)sums, s0);
+    _mm256_storeu_si256((__m256i *)(sums + 8), s1);
+    _mm256_storeu_si256((__m256i *)(sums + 16), s2);
+    _mm256_storeu_si256((__m256i *)(sums + 24), s3);
+}
+
+#endif
+
+/* rows_n: the tables of n positions (a conv's image row): position i reads x + i * x_pos (dims x_stride apart),
+ * writes lut + i * M * 16 and mins + i * M; returns the widest row range over all of them. */
+typedef float (*rows_n_fn)(const float *x, Py_ssize_t n, Py_ssize_t x_pos, Py_ssize_t x_stride, const float *cbt,
+                           Py_ssize_t M, Py_ssize_t dsub, float *lut, float *mins);
+
+#define ROWS_N(name, rows)                                                                                      \
+    static float name(const float *x, Py_ssize_t n, Py_ssize_t x_pos, Py_ssize_t x_stride, const float *cbt,   \
+                      Py_ssize_t M, Py_ssize_t dsub, float *lut, float *mins) {                                 \
+        float widest = 0.0f;                                                                                    \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                                    \
+            float r = rows(x + i * x_pos, x_stride, cbt, M, dsub, lut + i * M * 16, mins + i * M);              \
+            widest = r > widest ? r : widest;                                                                   \
+        }                                                                                                       \
+        return widest;                                                                                          \
+    }
+ROWS_N(rows_n_scalar, rows_scalar)
+
+#ifdef FS_X86
+ROWS_N(rows_n_avx2, rows_avx2)
+
+/* Four table rows (subspaces m .. m+3) of one position on 512 bits: separate multiply and add, so the tables are
+ * bit-identical to the other paths' (AVX-512F implies FMA, and GCC would contract the intrinsics' multiply-add
+ * into one: fp-contract=off). Their minima go to mins[0..3]; returns max - min per row in lanes 0, 4, 8, 12. */
+__attribute__((target("avx512f"), optimize("fp-contract=off"), always_inline)) static inline __m512
+rows4_avx512(const float *x, Py_ssize_t x_stride, const float *cb, Py_ssize_t dsub, float *lut, float *mins) {
+    __m512 a[4];
+    for (int r = 0; r < 4; r++) {
+        const float *cr = cb + r * dsub * 16, *xr = x + r * dsub * x_stride;
+        __m512 acc = _mm512_setzero_ps();
+        for (Py_ssize_t d = 0; d < dsub; d++)
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(xr[d * x_stride]), _mm512_loadu_ps(cr + d * 16)));
+        _mm512_storeu_ps(lut + r * 16, acc);
+        a[r] = acc;
+    }
+    /* 4 rows x 16 -> 4 x (min, max): halve the width three times, pairing rows */
+    __m512 lo01 = _mm512_shuffle_f32x4(a[0], a[1], 0x44), hi01 = _mm512_shuffle_f32x4(a[0], a[1], 0xEE);
+    __m512 lo23 = _mm512_shuffle_f32x4(a[2], a[3], 0x44), hi23 = _mm512_shuffle_f32x4(a[2], a[3], 0xEE);
+    __m512 mn01 = _mm512_min_ps(lo01, hi01), mx01 = _mm512_max_ps(lo01, hi01); /* r0 (8) | r1 (8) */
+    __m512 mn23 = _mm512_min_ps(lo23, hi23), mx23 = _mm512_max_ps(lo23, hi23);
+    __m512 mn = _mm512_min_ps(_mm512_shuffle_f32x4(mn01, mn23, 0x88), _mm512_shuffle_f32x4(mn01, mn23, 0xDD));
+    __m512 mx = _mm512_max_ps(_mm512_shuffle_f32x4(mx01, mx23, 0x88), _mm512_shuffle_f32x4(mx01, mx23, 0xDD));
+    mn = _mm512_min_ps(mn, _mm512_permute_ps(mn, 0x4E)); /* lanes: r0 r1 r2 r3, 4 each */
+    mx = _mm512_max_ps(mx, _mm512_permute_ps(mx, 0x4E));
+    mn = _mm512_min_ps(mn, _mm512_permute_ps(mn, 0xB1));
+    mx = _mm512_max_ps(mx, _mm512_permute_ps(mx, 0xB1));
+    _mm_storeu_ps(mins, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                                        0, 0, 12, 8, 4, 0), mn)));
+    return _mm512_sub_ps(mx, mn);
+}
+
+__attribute__((target("avx512f"), optimize("fp-contract=off"))) static float
+rows_n_avx512(const float *x, Py_ssize_t n, Py_ssize_t x_pos, Py_ssize_t x_stride, const float *cbt, Py_ssize_t M,
+              Py_ssize_t dsub, float *lut, float *mins) {
+    __m512 widest = _mm512_setzero_ps();
+    float rest = 0.0f;
+    Py_ssize_t M4 = M / 4 * 4;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float *xi = x + i * x_pos;
+        float *li = lut + i * M * 16, *mi = mins + i * M;
+        for (Py_ssize_t m = 0; m < M4; m += 4) { /* constant dsub: the inner loops unroll */
+            __m512 r = dsub == 4   ? rows4_avx512(xi + m * 4 * x_stride, x_stride, cbt + m * 64, 4, li + m * 16, mi + m)
+                       : dsub == 8 ? rows4_avx512(xi + m * 8 * x_stride, x_stride, cbt + m * 128, 8, li + m * 16, mi + m)
+                                   : rows4_avx512(xi + m * dsub * x_stride, x_stride, cbt + m * dsub * 16, dsub,
+                                                  li + m * 16, mi + m);
+            widest = _mm512_max_ps(widest, r);
+        }
+        if (M4 < M) {
+            float r = rows_avx2(xi + M4 * dsub * x_stride, x_stride, cbt + M4 * dsub * 16, M - M4, dsub, li + M4 * 16,
+                                mi + M4);
+            rest = r > rest ? r : rest;
+        }
+    }
+    float w = _mm512_reduce_max_ps(widest);
+    return rest > w ? rest : w;
+}
+
+static float rows_avx512(const float *x, Py_ssize_t x_stride, const float *cbt, Py_ssize_t M, Py_ssize_t dsub,
+                         float *lut, float *mins) {
+    return rows_n_avx512(x, 1, 0, x_stride, cbt, M, dsub, lut, mins);
+}
+
+__attribute__((target("avx512f,avx512bw"), optimize("fp-contract=off"))) static void quantize_avx512(const float *lut, const float *mins,
+                                                                        Py_ssize_t rows, float inv_scale,
+                                                                        uint8_t *q) {
+    const __m512 inv = _mm512_set1_ps(inv_scale), half = _mm512_set1_ps(0.5f), top = _mm512_set1_ps(255.0f);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(lut + r * 16), _mm512_set1_ps(mins[r])),
+                                               inv), half);
+        _mm_storeu_si128((__m128i *)(q + r * 16), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(_mm512_min_ps(v, top))));
+    }
+}
+#endif
+
+#endif /* EDGEQ_FASTSCAN_SEG_H */
