@@ -210,6 +210,13 @@ NET_CLONES4 static void net_maxpool_hwc(const conv_t *c, const float *x, float *
         }
 }
 
+/* yo[i] = bo[i] + off + s * sums[i], i < nt: conv_sample's arithmetic (no multiply-add contraction), vectorized. */
+__attribute__((optimize("fp-contract=off"))) NET_CLONES4 static void net_sums_out(const uint32_t *sums, Py_ssize_t nt,
+                                                                                 const float *bo, float off, float s,
+                                                                                 float *yo) {
+    for (Py_ssize_t i = 0; i < nt; i++) yo[i] = bo[i] + off + s * (float)(int32_t)sums[i]; /* sums < 2^31 */
+}
+
 /* One sample of a PQ convolution on x [H, W, C] -> y [OH, OW, C_out]: the same tables, quantization,
  * offsets and integer sums as conv_sample (fastscan.c), hence the same outputs, in the other layout. */
 static void net_pqconv_hwc(const path_t *p, const conv_t *c, conv_buf_t *wb, const float *xn, const float *cbt,
@@ -264,7 +271,7 @@ static void net_pqconv_hwc(const path_t *p, const conv_t *c, conv_buf_t *wb, con
                     if (in_place) p->scan_seg(cb, first, c->kh, seglen, c->dh * Wp * M * 16, sums);
                     else p->scan(cb, wb->gathered, c->Mp, sums);
                     Py_ssize_t t0 = blk * FS_BLOCK, nt = Cog - t0 < FS_BLOCK ? Cog - t0 : FS_BLOCK;
-                    for (Py_ssize_t i = 0; i < nt; i++) yo[t0 + i] = bo[t0 + i] + (float)off + s * (float)sums[i];
+                    net_sums_out(sums, nt, bo + t0, (float)off, s, yo + t0);
                 }
             }
 }
