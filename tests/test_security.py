@@ -2,12 +2,12 @@
 
 What Mosquitto 2.0.11 does, as these tests observe it (docs/security.md).
 Both configs: anonymous and wrong-password clients get CONNACK "Not
-authorized"; a publish an account may not make is acknowledged at MQTT 3.1.1
-(PUBACK, the protocol cannot refuse) and dropped. With the dynamic-security
-plugin (prod-dynsec.conf): a SUBSCRIBE the account's role does not allow is
-refused in the SUBACK (0x80 at MQTT 3.1.1, 0x87 "Not authorized" at MQTT 5),
-so a device cannot join the edge workers' shared subscription and the edge
-loses no frame; at MQTT 5 a denied publish gets PUBACK 0x87. With the
+authorized"; a publish an account may not make is dropped, acknowledged with
+a plain PUBACK at MQTT 3.1.1 (the protocol cannot refuse) and with PUBACK
+0x87 "Not authorized" at MQTT 5. With the dynamic-security plugin
+(prod-dynsec.conf): a SUBSCRIBE the account's role does not allow is refused
+in the SUBACK (0x80 at MQTT 3.1.1, 0x87 at MQTT 5), so a device cannot join
+the edge workers' shared subscription and the edge loses no frame. With the
 acl_file (prod.conf): a denied subscription is granted but nothing is
 delivered on it, because read access is checked per message, and a device in
 the edge share group makes the edge lose the frames the broker hands it.
@@ -265,9 +265,9 @@ def test_dynsec_device_reads_only_its_own_results(dynsec: Secure) -> None:
     assert payloads(got) == [(topics.results("devA0"), b"result for devA0")] * 2
 
 
-def test_dynsec_mqtt5_puback_refuses_a_denied_publish(dynsec: Secure) -> None:
-    edge = subscribed(dynsec.cfg("edgeq-edge"), "sec-dyn-edge5", topics.shared(topics.FRAMES_FILTER))
-    a = Client(dynsec.cfg("devA0", protocol="5"))
+def test_mqtt5_puback_refuses_a_denied_publish(secure: Secure) -> None:
+    edge = subscribed(secure.cfg("edgeq-edge"), "sec-edge5", topics.shared(topics.FRAMES_FILTER))
+    a = Client(secure.cfg("devA0", protocol="5"))
     try:
         denied = {t: a.puback(t, b"A as someone else") for t in (
             topics.frames("devB0"), topics.status("device.devB0"), topics.results("devA0"))}
