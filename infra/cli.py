@@ -204,6 +204,12 @@ def cmd_compress(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
     return run_compress(args, progress=progress)
 
 
+def cmd_partition(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
+    from infra.partition_cli import run
+
+    return run(args, progress=progress)
+
+
 def cmd_experiment(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
     from infra.experiment_cli import run
 
@@ -287,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compress_arguments(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("partition", help="cut a float or Q-CNN ONNX model into head/tail pairs at every legal "
+                                         "point (split computing; needs edgeq[server])")
+    from infra.partition_cli import add_arguments as add_partition_arguments
+
+    add_partition_arguments(p)
+    p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("bench", help="run a benchmark; tables go to stdout and docs/results/ (needs edgeq[server,bench])")
     from infra.bench import (
