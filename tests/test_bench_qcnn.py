@@ -144,12 +144,13 @@ def test_bench_qcnn_quick_end_to_end(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = md.read_text()
     assert "edgeq bench qcnn --quick --out-dir" in text and "| onnxruntime |" in text
-    models = ("edge CNN", "wide FC 256->256")
+    models = ("edge CNN", "cloud CNN", "wide FC 256->256")
 
     sizes = {(r[0], r[1]): r for r in _md_rows(text, "Size and accuracy")}
     assert set(sizes) == {(m, v) for m in models for v in VARIANTS}
     for v in VARIANTS:
         assert float(sizes["edge CNN", v][4]) > 90.0  # accuracy %, every variant still classifies
+        assert float(sizes["cloud CNN", v][4]) > 90.0
         assert sizes["wide FC 256->256", v][4] == "n/a"
     for m in models:
         for v in VARIANTS[1:]:
@@ -166,6 +167,29 @@ def test_bench_qcnn_quick_end_to_end(tmp_path):
         pq = [r for r in layers if r[0] == m and r[3] == "pq"]
         assert pq and all(float(r[-2]) >= 0 and float(r[-1]) >= 0 for r in pq), layers
 
+    ratios = {(r[0], r[1], r[2]) for r in _md_rows(text, "Q-CNN native vs onnxruntime (same run)")}
+    assert ratios == {(m, b, t) for m in models for b in ("1", "32") for t in threads}
+    targets = {r[0]: r for r in _md_rows(text, "Q-CNN targets (this run)")}
+    assert "edge CNN, batch 32, 1 thread(s): float / native" in targets and "cloud CNN: compression (EC file)" in targets
+    profile = _md_rows(text, "Per-layer time (1 thread, µs per sample)")
+    for m in ("edge CNN", "cloud CNN"):  # both runtimes, both batches, and every layer has a time
+        rows = [r for r in profile if r[0] == m]
+        assert {(r[1], r[2]) for r in rows} == {(b, rt) for b in ("1", "32") for rt in ("Q-CNN EC native", "float")}
+        assert all(float(r[4]) >= 0 for r in rows)
+        assert any(r[3].startswith("PQ conv") for r in rows)
+
     sweep = {(r[0], r[1]) for r in _md_rows(text, "Sweep over K and dsub (edge CNN, conv and FC layers alike)")}
     assert sweep == {("8", "8"), ("32", "8")}
     assert "Size and accuracy" in proc.stdout and "speed-up" in proc.stdout  # tables also on stdout
+
+
+def test_frontier_keeps_points_nothing_beats_and_plots(tmp_path):
+    from infra.bench.sweep import FrontierPoint, frontier_table, pareto, plot_frontier
+
+    pts = [FrontierPoint("a", 100, 0.990), FrontierPoint("b", 80, 0.992), FrontierPoint("c", 60, 0.985),
+           FrontierPoint("d", 90, 0.991), FrontierPoint("e", 50, 0.980)]
+    assert [p.name for p in pareto(pts)] == ["e", "c", "b"]  # a and d: b is smaller and more accurate
+    rows = {r[0]: r for r in frontier_table(pts, 1000, 0.993).rows}
+    assert rows["b"][-1] == "yes" and rows["a"][-1] == "" and rows["b"][2] == "12.50"
+    png = plot_frontier(tmp_path / "f.png", pts, 1000, 0.993)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,13 +1,15 @@
 """`edgeq bench qcnn`: Q-CNN (k-means and error-corrected) against float and int8 onnxruntime, side by side.
 
-Two models: the reference edge CNN (held-out MNIST accuracy) and a wide
+Three models: the reference edge and cloud CNNs (held-out MNIST accuracy) and a wide
 random fully connected layer (output error vs float only). For each, four
 files are built in a temporary directory (float, int8 QDQ, Q-CNN k-means,
 Q-CNN EC) and five variants measured for file size, accuracy, output error
 and latency (batch 1 and 32, threads 1 and all): the Q-CNN files run on the
 numba float-table kernels, and the EC file also on the native fast-scan
 kernels ("Q-CNN EC native": 4-bit codes, 8-bit tables, SIMD shuffles).
-A K x dsub sweep on the edge CNN is plotted as accuracy vs compression.
+A K x dsub sweep on the edge CNN is plotted as accuracy vs compression, and so is the size/accuracy
+frontier over mixed settings (``FRONTIER``). Per-layer times of the native net and of float
+onnxruntime explain the speed ratios (``qcnn_profile.py``).
 Calibration uses the train split only; the test split is used for accuracy.
 """
 
@@ -26,9 +28,10 @@ from typing import Callable
 
 import numpy as np
 
-from infra.bench.qcnn_tables import layer_table, targets_table, wide_note
-from infra.bench.report import Table, machine_info, usable_cores, write_markdown
-from infra.bench.sweep import SweepPoint, plot_sweep, sweep_table
+from infra.bench.qcnn_profile import native_layers, onnxruntime_nodes, profile_table
+from infra.bench.qcnn_tables import latency_table, layer_table, ratio_table, size_table, targets_table, wide_note
+from infra.bench.report import machine_info, usable_cores, write_markdown
+from infra.bench.sweep import FrontierPoint, SweepPoint, frontier_table, plot_frontier, plot_sweep, sweep_table
 from infra.bench.timing import Latency, measure_interleaved
 
 Progress = Callable[[str], None]
@@ -39,6 +42,17 @@ SEGMENTS = "Q-CNN EC native segments"
 BATCHES = (1, 32)
 EVAL_BATCH = 256
 QCNN_KEYS = ("conv_k", "conv_dsub", "fc_k", "fc_dsub", "last_fc", "ec_iters", "codebook_dtype")  # shown in the notes
+EDGE_SETTINGS = {"fc_k": 4, "fc_dsub": 4}  # models/edge_cnn.qcnn.onnx's: >= 20x (CompressConfig's defaults give 17x)
+# Mixed settings of the edge CNN for the size/accuracy frontier (name, CompressConfig fields).
+FRONTIER = (
+    ("defaults (conv K16 d4, FC K8 d8)", {}),
+    ("FC K4 d4 (shipped)", EDGE_SETTINGS),
+    ("FC K4 d8", {"fc_k": 4, "fc_dsub": 8}),
+    ("FC K4 d4, conv K8", {"fc_k": 4, "fc_dsub": 4, "conv_k": 8}),
+    ("FC K4 d8, conv K8", {"fc_k": 4, "fc_dsub": 8, "conv_k": 8}),
+    ("FC K16 d8", {"fc_k": 16}),
+    ("FC K4 d16", {"fc_k": 4, "fc_dsub": 16}),
+)
 
 
 @dataclass
@@ -47,6 +61,7 @@ class QcnnBenchConfig:
 
     data_dir: str = "data/mnist"
     model: str = "models/edge_cnn.onnx"
+    cloud_model: str = "models/cloud_cnn.onnx"
     out_dir: str = "docs/results"
     repeats: int = 200  # timed calls per latency cell
     max_seconds: float = 3.0  # per latency cell: stop early past this (at least 5 calls)
@@ -59,6 +74,8 @@ class QcnnBenchConfig:
     sweep: bool = True
     sweep_k: tuple[int, ...] = (8, 16, 32, 64, 128)  # K > 128 cannot apply to the 128-output FC
     sweep_dsub: tuple[int, ...] = (4, 8)
+    frontier: bool = True
+    profile_repeats: int = 50  # calls per per-layer profile
     threads: tuple[int, ...] = field(default_factory=lambda: tuple(sorted({1, usable_cores()})))
     seed: int = 0
 
@@ -66,7 +83,7 @@ class QcnnBenchConfig:
     def quick(cls, **kw) -> "QcnnBenchConfig":
         """Few repeats, small calibration and sweep, a 256-wide FC: for tests and CI."""
         base = dict(repeats=10, max_seconds=0.5, calib_images=64, eval_images=1000, wide_dim=256, wide_eval=64,
-                    sweep_k=(8, 32), sweep_dsub=(8,))
+                    sweep_k=(8, 32), sweep_dsub=(8,), frontier=False, profile_repeats=5)
         base.update(kw)
         return cls(**base)
 
@@ -134,7 +151,7 @@ def config_from_args(args: argparse.Namespace) -> QcnnBenchConfig:
     given = {k: getattr(args, k, None) for k in OPTIONS}
     given = {k: v for k, v in given.items() if v is not None}
     if getattr(args, "skip_sweep", False):
-        given["sweep"] = False
+        given["sweep"] = given["frontier"] = False
     cfg = QcnnBenchConfig.quick(**given) if args.quick else QcnnBenchConfig(**given)
     if min(cfg.repeats, cfg.calib_images, cfg.wide_dim) < 1:
         raise ValueError(f"--repeats, --calib-images and --wide-dim must be >= 1, "
@@ -253,7 +270,9 @@ def make_cases(cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[Case
         raise ValueError(f"--calib-images {cfg.calib_images} exceeds the {len(train)} train images")
     calib = to_input(train.images[rng.permutation(len(train))[: cfg.calib_images]])
     n_eval = len(test) if cfg.eval_images is None else min(cfg.eval_images, len(test))
-    edge = Case("edge CNN", Path(cfg.model), calib, to_input(test.images[:n_eval]), test.labels[:n_eval].astype(np.int64))
+    x_test, y_test = to_input(test.images[:n_eval]), test.labels[:n_eval].astype(np.int64)
+    edge = Case("edge CNN", Path(cfg.model), calib, x_test, y_test, qcnn_overrides=dict(EDGE_SETTINGS))
+    cloud = Case("cloud CNN", Path(cfg.cloud_model), calib, x_test, y_test)
     wide_path = tmp / "wide_fc.onnx"
     progress(f"[bench qcnn] building the wide FC model {cfg.wide_dim}->{cfg.wide_dim} (random weights)")
     build_wide_fc(wide_path, cfg.wide_dim, cfg.wide_dim, seed=cfg.seed)
@@ -263,7 +282,7 @@ def make_cases(cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[Case
                 rng.standard_normal((cfg.wide_eval, d), dtype=np.float32), None,
                 qcnn_overrides={"last_fc": "pq", "fc_k": 16})  # its only layer is the last FC: quantize it too;
     # K = 16: 4-bit codes, the fast-scan kernels' format (the issue's 4096 -> 4096, K = 16 layer)
-    return [edge, wide]
+    return [edge, cloud, wide]
 
 
 def run_sweep(case: Case, cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[SweepPoint]:
@@ -286,42 +305,35 @@ def run_sweep(case: Case, cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -
     return points
 
 
-# --- tables ------------------------------------------------------------------------------------------
+def run_frontier(case: Case, cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[FrontierPoint]:
+    """Compress the edge CNN (EC) with each of FRONTIER's settings; accuracy on case.x_eval (native kernels)."""
+    from edge_workers.runtime import load_runtime
+    from infra.bench.models import predict_batched
+
+    points = []
+    for i, (name, settings) in enumerate(FRONTIER):
+        progress(f"[bench qcnn] frontier: {name}")
+        out = tmp / f"frontier_{i}.qcnn"
+        compress(case, out, qcnn_config(cfg, True, **settings), lambda line: None)
+        y = predict_batched(load_runtime("qcnn", out, threads=max(cfg.threads)).predict, case.x_eval, EVAL_BATCH)
+        points.append(FrontierPoint(name, out.stat().st_size, float(np.mean(y.argmax(axis=1) == case.labels))))
+    return points
 
 
-def _acc(v: Variant, ref: Variant) -> tuple[str, str]:
-    if v.accuracy is None:
-        return "n/a", "n/a"
-    return f"{100 * v.accuracy:.2f}", f"{100 * (v.accuracy - ref.accuracy):+.2f}"
+def profile_rows(cases: list[Case], cfg: QcnnBenchConfig) -> list:
+    """Per-layer times (one thread) of the native net and of float onnxruntime, for the CNN cases, batches 1 and 32."""
+    from edge_workers.runtime import load_runtime
 
-
-def size_table(cases: list[Case]) -> Table:
-    t = Table("Size and accuracy", ["model", "variant", "file bytes", "compression ×", "accuracy %",
-                                    "Δ points", "output rel. error", "build s"],
-              note="compression = float file bytes / variant file bytes; Δ = accuracy - float accuracy "
-                   "(percentage points); output rel. error = ||y - y_float|| / ||y_float|| on the eval inputs.")
-    for c in cases:
-        ref = c.variants[0]
-        for v in c.variants:
-            acc, delta = _acc(v, ref)
-            t.add(c.name, v.name, f"{v.file_bytes:,}", f"{ref.file_bytes / v.file_bytes:.2f}", acc, delta,
-                  f"{v.rel_error:.4f}", f"{v.build_s:.1f}")
-    return t
-
-
-def latency_table(cases: list[Case], cfg: QcnnBenchConfig) -> Table:
-    t = Table("Latency (ms per call)", ["model", "batch", "threads", "variant", "median ms", "p90 ms", "runs",
-                                        "speed-up ×"],
-              note="speed-up = float median / variant median (> 1 is faster than float, < 1 is slower).")
-    for c in cases:
+    rows = []
+    for case in (c for c in cases if c.labels is not None):
+        native = next(v for v in case.variants if v.name == NATIVE)
+        net = getattr(load_runtime("qcnn", native.path, threads=1, **native.options)._run, "net", None)
         for batch in BATCHES:
-            for threads in cfg.threads:
-                ref = c.variants[0].latency[batch, threads]
-                for v in c.variants:
-                    lat = v.latency[batch, threads]
-                    t.add(c.name, batch, threads, v.name, f"{lat.median_ms:.3f}", f"{lat.p90_ms:.3f}", lat.runs,
-                          f"{ref.median_ms / lat.median_ms:.2f}")
-    return t
+            x = np.ascontiguousarray(np.resize(case.x_eval, (batch, *case.x_eval.shape[1:])))
+            if net is not None:
+                rows.append((case.name, batch, NATIVE, native_layers(net, x, cfg.profile_repeats)))
+            rows.append((case.name, batch, "float", onnxruntime_nodes(case.path, x, cfg.profile_repeats)))
+    return rows
 
 
 def _ec(case: Case) -> Variant:
@@ -335,7 +347,7 @@ def _native_path() -> str:
 
 
 def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
-    """Run everything, write qcnn.md (and qcnn_sweep.png); returns the text for stdout."""
+    """Run everything, write qcnn.md (and qcnn_sweep.png, qcnn_frontier.png); returns the text for stdout."""
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -347,9 +359,17 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
             evaluate(case, max(cfg.threads), progress)
             time_variants(case, cfg, progress)
         points = run_sweep(cases[0], cfg, tmp, progress) if cfg.sweep else []
-    tables = [targets_table(cases, cfg.threads, BATCHES, NATIVE), size_table(cases), latency_table(cases, cfg),
+        front = run_frontier(cases[0], cfg, tmp, progress) if cfg.frontier else []
+        profiles = profile_rows(cases, cfg)
+    tables = [targets_table(cases, cfg.threads, NATIVE), ratio_table(cases, cfg.threads, BATCHES, NATIVE),
+              profile_table(profiles), size_table(cases), latency_table(cases, cfg.threads, BATCHES),
               layer_table(cases)]
     images = []
+    if front:
+        edge = cases[0]
+        tables.append(frontier_table(front, edge.variants[0].file_bytes, edge.variants[0].accuracy))
+        plot_frontier(out_dir / "qcnn_frontier.png", front, edge.variants[0].file_bytes, edge.variants[0].accuracy)
+        images.append(("edge CNN: size/accuracy frontier over mixed settings", "qcnn_frontier.png"))
     if points:
         edge = cases[0]
         float_bytes = edge.variants[0].file_bytes
@@ -362,14 +382,16 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         f"Held-out accuracy on the first {len(cases[0].x_eval)} images of the MNIST test split; calibration "
         f"({cfg.calib_images} images) drawn from the train split only.",
         f"The wide FC model has random weights, so accuracy is n/a; its output error is measured on "
-        f"{cfg.wide_eval} held-out random N(0, 1) inputs (calibration: {len(cases[1].calib)} other random inputs, "
+        f"{cfg.wide_eval} held-out random N(0, 1) inputs (calibration: {len(cases[-1].calib)} other random inputs, "
         "at least 2 D so EC's least squares is overdetermined). Random weights have no structure for "
         "k-means to exploit: this model measures size and speed, its error is a worst case.",
-        wide_note(cases[1]),
-        "Q-CNN main rows use the compressor's CompressConfig defaults ("
+        wide_note(cases[-1]),
+        "Q-CNN main rows: edge CNN with the shipped model's settings ("
         + ", ".join(f"{k}={_ec(cases[0]).report.config.get(k)}" for k in QCNN_KEYS)
-        + "); the wide FC also sets last_fc=pq (its only layer) and fc_k=16. The sweep sets conv_k=fc_k=K and "
-        "conv_dsub=fc_dsub=dsub and runs each file with the runtime's default kernels (native where K <= 16).",
+        + "; chosen on the train split's last 1,000 images, not on the test split), cloud CNN with the "
+        "compressor's CompressConfig defaults; the wide FC also sets last_fc=pq (its only layer) and fc_k=16. "
+        "The sweep sets conv_k=fc_k=K and conv_dsub=fc_dsub=dsub, the frontier the settings named in its table; "
+        "both report the held-out accuracy of each file (runtime default kernels: native where K <= 16).",
         "Kernels: the Q-CNN k-means and Q-CNN EC rows run the numba float-table kernels (the reference); "
         f"{NATIVE} runs the same EC file on the native fast-scan kernels ({_native_path()}: 4-bit codes, "
         "lookup tables quantized to 8 bits per sample, SIMD byte shuffles, 16-bit accumulators), the whole graph "
@@ -393,6 +415,6 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
     write_markdown(out_dir / "qcnn.md", "Q-CNN vs float and int8 onnxruntime", tables, machine, command,
                    intro="Produced by `edgeq bench qcnn` (infra/bench/qcnn.py); rerun the command below to refresh.",
                    notes=notes, images=images)
-    progress(f"[bench qcnn] wrote {out_dir / 'qcnn.md'}" + (f" and {out_dir / 'qcnn_sweep.png'}" if points else ""))
+    progress(f"[bench qcnn] wrote {out_dir / 'qcnn.md'}" + "".join(f" and {out_dir / img}" for _, img in images))
     head = "\n".join(f"{k}: {v}" for k, v in machine.items())
     return "\n\n".join([head] + [t.text() for t in tables] + [notes[-1]])

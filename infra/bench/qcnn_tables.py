@@ -1,4 +1,4 @@
-"""Tables of `edgeq bench qcnn` beyond size and latency: the fast-scan targets, per-layer errors, the wide-FC note."""
+"""Tables of `edgeq bench qcnn`: targets, native vs onnxruntime ratios, size, latency, per-layer errors, the wide-FC note."""
 
 from __future__ import annotations
 
@@ -14,26 +14,63 @@ def _ratio_row(t: Table, what: str, num: float, den: float, goal: float) -> None
     t.add(what, f"{ratio:.2f}×", f"≥ {goal:g}×", "yes" if ratio >= goal else "no")
 
 
-def targets_table(cases: list, threads: tuple[int, ...], batches: tuple[int, ...], native: str) -> Table:
-    """Issue 8's goals, from this run's medians: the wide FC and the edge CNN on the native kernels."""
-    t = Table("Fast-scan targets (this run)", ["what", "measured", "goal", "met"],
-              note=f"Ratios of median latencies from the latency table below (same run, same process); "
-                   f"\"{native}\" = the EC file on the native fast-scan kernels. Agreement = share of held-out "
-                   "images where the native kernels (8-bit tables) and the numba kernels (float tables) predict "
-                   "the same class for the same EC file.")
-    edge, wide = cases
-    e, w = ({v.name: v for v in c.variants} for c in (edge, wide))
-    for th in threads:
-        lat = lambda name, b=1: w[name].latency[b, th].median_ms  # noqa: E731
-        _ratio_row(t, f"{wide.name}, batch 1, {th} thread(s): float / native", lat("float"), lat(native), 10)
-        _ratio_row(t, f"{wide.name}, batch 1, {th} thread(s): int8 QDQ / native", lat("int8 QDQ"), lat(native), 3)
-    for b in batches:
+# Issue 16's speed goals, native net vs float onnxruntime: (model, batch, threads or None = all) -> minimum ratio.
+SPEED_GOALS = {("edge CNN", 1, None): 2.0, ("edge CNN", 32, None): 1.2, ("cloud CNN", 1, 1): 3.0,
+               ("cloud CNN", 32, 1): 1.5}
+SIZE_GOALS = {"edge CNN": 20.0, "cloud CNN": 15.0}  # minimum compression, at most MAX_LOSS points lost
+MAX_LOSS = 0.5
+
+
+def _goal(t: Table, what: str, value: float, text: str, goal: float, goal_text: str) -> None:
+    t.add(what, text, goal_text, "yes" if value >= goal else "no")
+
+
+def targets_table(cases: list, threads: tuple[int, ...], native: str) -> Table:
+    """Issue 16's goals from this run: speed ratios of medians (same run) and size / accuracy of the EC file."""
+    t = Table("Q-CNN targets (this run)", ["what", "measured", "goal", "met"],
+              note=f"Speed: float onnxruntime median / \"{native}\" median from the latency table below (same run, "
+                   "same process, interleaved blocks). Size: float file bytes / Q-CNN EC file bytes, accuracy on the "
+                   "held-out split. Agreement = share of held-out images where the native kernels (8-bit tables) and "
+                   "the numba kernels (float tables) predict the same class for the same EC file.")
+    by = {c.name: {v.name: v for v in c.variants} for c in cases}
+    for (model, batch, th_goal), goal in SPEED_GOALS.items():
+        if model not in by:
+            continue
+        for th in threads if th_goal is None else [th_goal]:
+            v = by[model]
+            ratio = v["float"].latency[batch, th].median_ms / v[native].latency[batch, th].median_ms
+            _goal(t, f"{model}, batch {batch}, {th} thread(s): float / native", ratio, f"{ratio:.2f}×", goal,
+                  f"≥ {goal:g}×")
+    for c in (c for c in cases if c.name.startswith("wide FC")):  # issue 8's wide-layer goals, kept
         for th in threads:
-            _ratio_row(t, f"{edge.name}, batch {b}, {th} thread(s): int8 QDQ / native",
-                       e["int8 QDQ"].latency[b, th].median_ms, e[native].latency[b, th].median_ms, 1)
-    agree = float((e[native].top1 == e["Q-CNN EC"].top1).mean())
-    t.add(f"{edge.name}: native vs float-table predictions", f"{100 * agree:.2f} %", "≥ 99.5 %",
-          "yes" if agree >= 0.995 else "no")
+            ms = {name: v.latency[1, th].median_ms for name, v in by[c.name].items()}
+            _ratio_row(t, f"{c.name}, batch 1, {th} thread(s): float / native", ms["float"], ms[native], 10)
+            _ratio_row(t, f"{c.name}, batch 1, {th} thread(s): int8 QDQ / native", ms["int8 QDQ"], ms[native], 3)
+    for model, goal in SIZE_GOALS.items():
+        if model not in by:
+            continue
+        v = by[model]
+        ratio = v["float"].file_bytes / v["Q-CNN EC"].file_bytes
+        loss = 100 * (v["float"].accuracy - v[native].accuracy)
+        _goal(t, f"{model}: compression (EC file)", ratio, f"{ratio:.2f}×", goal, f"≥ {goal:g}×")
+        _goal(t, f"{model}: accuracy lost (native)", -loss, f"{loss:+.2f} points", -MAX_LOSS, f"≤ {MAX_LOSS} points")
+        agree = float((v[native].top1 == v["Q-CNN EC"].top1).mean())
+        _goal(t, f"{model}: native vs float-table predictions", agree, f"{100 * agree:.2f} %", 0.995, "≥ 99.5 %")
+    return t
+
+
+def ratio_table(cases: list, threads: tuple[int, ...], batches: tuple[int, ...], native: str) -> Table:
+    """Per model, batch and thread count: the native net's median against float and int8 onnxruntime's."""
+    t = Table("Q-CNN native vs onnxruntime (same run)",
+              ["model", "batch", "threads", "native ms", "float ms", "int8 ms", "vs float ×", "vs int8 ×"],
+              note="× = onnxruntime median / native median (> 1: the native net is faster); medians of the "
+                   "interleaved blocks of the latency table.")
+    for c in cases:
+        v = {x.name: x for x in c.variants}
+        for b in batches:
+            for th in threads:
+                n, f, i = (v[k].latency[b, th].median_ms for k in (native, "float", "int8 QDQ"))
+                t.add(c.name, b, th, f"{n:.3f}", f"{f:.3f}", f"{i:.3f}", f"{f / n:.2f}", f"{i / n:.2f}")
     return t
 
 
@@ -77,3 +114,36 @@ def wide_note(case) -> str:
     return text + f"EC's held-out output error {err_ec:.4f} vs k-means {err_km:.4f}."
 
 
+def _acc(v, ref) -> tuple[str, str]:
+    if v.accuracy is None:
+        return "n/a", "n/a"
+    return f"{100 * v.accuracy:.2f}", f"{100 * (v.accuracy - ref.accuracy):+.2f}"
+
+
+def size_table(cases: list) -> Table:
+    t = Table("Size and accuracy", ["model", "variant", "file bytes", "compression ×", "accuracy %",
+                                    "Δ points", "output rel. error", "build s"],
+              note="compression = float file bytes / variant file bytes; Δ = accuracy - float accuracy "
+                   "(percentage points); output rel. error = ||y - y_float|| / ||y_float|| on the eval inputs.")
+    for c in cases:
+        ref = c.variants[0]
+        for v in c.variants:
+            acc, delta = _acc(v, ref)
+            t.add(c.name, v.name, f"{v.file_bytes:,}", f"{ref.file_bytes / v.file_bytes:.2f}", acc, delta,
+                  f"{v.rel_error:.4f}", f"{v.build_s:.1f}")
+    return t
+
+
+def latency_table(cases: list, threads: tuple[int, ...], batches: tuple[int, ...]) -> Table:
+    t = Table("Latency (ms per call)", ["model", "batch", "threads", "variant", "median ms", "p90 ms", "runs",
+                                        "speed-up ×"],
+              note="speed-up = float median / variant median (> 1 is faster than float, < 1 is slower).")
+    for c in cases:
+        for batch in batches:
+            for th in threads:
+                ref = c.variants[0].latency[batch, th]
+                for v in c.variants:
+                    lat = v.latency[batch, th]
+                    t.add(c.name, batch, th, v.name, f"{lat.median_ms:.3f}", f"{lat.p90_ms:.3f}", lat.runs,
+                          f"{ref.median_ms / lat.median_ms:.2f}")
+    return t

@@ -1,4 +1,4 @@
-"""The Q-CNN K x dsub sweep: its points, its table, and its accuracy-vs-compression plot (matplotlib Agg)."""
+"""The Q-CNN K x dsub sweep and the mixed-settings frontier: points, tables, accuracy-vs-compression plots (Agg)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,69 @@ def plot_sweep(
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("Q-CNN on the edge CNN: accuracy vs compression")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One compressed model of the size/accuracy frontier. accuracy: top-1 in [0, 1] on the held-out split."""
+
+    name: str
+    file_bytes: int
+    accuracy: float
+
+
+def pareto(points: Sequence[FrontierPoint]) -> list[FrontierPoint]:
+    """The points no other point beats on both size (smaller) and accuracy (higher), smallest first."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p.file_bytes, -p.accuracy)):
+        if p.accuracy > best:
+            front.append(p)
+            best = p.accuracy
+    return front
+
+
+def frontier_table(points: Sequence[FrontierPoint], float_bytes: int, float_accuracy: float) -> Table:
+    t = Table("Size/accuracy frontier (edge CNN, error correction, mixed settings)",
+              ["settings", "file bytes", "compression ×", "accuracy %", "Δ points", "on the frontier"],
+              note="Δ = accuracy - float accuracy (percentage points); on the frontier = no other row is both "
+                   "smaller and more accurate.")
+    front = set(pareto(points))
+    for p in sorted(points, key=lambda p: p.file_bytes):
+        t.add(p.name, f"{p.file_bytes:,}", f"{float_bytes / p.file_bytes:.2f}", f"{100 * p.accuracy:.2f}",
+              f"{100 * (p.accuracy - float_accuracy):+.2f}", "yes" if p in front else "")
+    return t
+
+
+def plot_frontier(path: str | Path, points: Sequence[FrontierPoint], float_bytes: int, float_accuracy: float,
+                  min_ratio: float = 20.0) -> Path:
+    """Accuracy (%) vs compression ratio: every point labelled, the Pareto front as a line, the float accuracy and
+    the 0.5-point / min_ratio target region marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    xs = [float_bytes / p.file_bytes for p in points]
+    ax.plot(xs, [100 * p.accuracy for p in points], "o", color="tab:blue")
+    for x, p in zip(xs, points):
+        ax.annotate(p.name, (x, 100 * p.accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto(points)
+    ax.plot([float_bytes / p.file_bytes for p in front], [100 * p.accuracy for p in front], "-", color="tab:blue",
+            alpha=0.6, label="frontier (error correction)")
+    ax.axhline(100 * float_accuracy, color="black", linestyle=":", label=f"float ({100 * float_accuracy:.2f} %)")
+    ax.axhline(100 * float_accuracy - 0.5, color="tab:red", linestyle="--", alpha=0.6, label="float - 0.5 points")
+    ax.axvline(min_ratio, color="tab:red", linestyle="-.", alpha=0.6, label=f"{min_ratio:g}× smaller")
+    ax.set_xlabel("compression ratio (float file bytes / model file bytes)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Q-CNN on the edge CNN: size/accuracy frontier")
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
