@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accuracy", dest="part_accuracy", action="store_true",
                    help="accuracy of tail(codec(head(x))) per cut and codec on the validation slice of train and "
                         "the held-out test split")
+    p.add_argument("--pq", dest="part_pq", action="store_true",
+                   help="also train pq8 codebooks (k-means per sub-vector of --pq-dsub channels) on the train split")
+    p.add_argument("--pq-dsub", dest="part_pq_dsub", type=int, default=4, metavar="D",
+                   help="channels per pq8 sub-vector (default 4)")
+    p.add_argument("--pq-train", dest="part_pq_train", type=int, default=2000, metavar="N",
+                   help="train-split images the pq8 codebooks learn from (default 2000, never the validation slice)")
     p.add_argument("--data-dir", dest="part_data_dir", metavar="DIR", help="MNIST IDX directory (default data/mnist)")
 
 
@@ -95,14 +101,20 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
     def load(key: str, path: str):
         return load_runtime(key, path, threads=1)
 
-    if args.part_accuracy:
+    if args.part_accuracy or args.part_pq:
         from cloud_workers.train import TrainConfig, split_train
-        from modelstore.partition_eval import evaluate_partition
         from publishers.datasets import load_mnist
         from publishers.sources import default_data_dir
 
         data_dir = Path(args.part_data_dir) if args.part_data_dir else default_data_dir()
-        _, val = split_train(load_mnist(data_dir, "train"), None, TrainConfig().seed)
+        fit, val = split_train(load_mnist(data_dir, "train"), None, TrainConfig().seed)
+    if args.part_pq:
+        from modelstore.partition_pq import add_pq
+
+        add_pq(manifest, out_dir, load, fit.images[: args.part_pq_train], args.part_pq_dsub, progress=progress)
+    if args.part_accuracy:
+        from modelstore.partition_eval import evaluate_partition
+
         test = load_mnist(data_dir, "test")
         evaluate_partition(manifest, out_dir, model, load, {"val": val, "test": test}, progress=progress)
     if args.part_profile:

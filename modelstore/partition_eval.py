@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from modelstore.interface import to_input
+from modelstore.partition_pq import load_pq
 from publishers import tensor_codec as tc
 from publishers.datasets import LabelledImages
 
@@ -39,16 +40,17 @@ def evaluate_partition(manifest: dict, out_dir: str | Path, source: str | Path, 
                             for name in splits}
     first = next(iter(splits))
     for i, cut in enumerate(manifest["cuts"], 1):
+        pq = load_pq(out_dir, cut) if "pq" in cut else None
         head = load(key, str(out_dir / cut["head"]["file"]))
         tail = load(key, str(out_dir / cut["tail"]["file"]))
         acc, err = {}, {}
         for name, x in inputs.items():
             z = _predict(head, x)
             for codec in cut["codecs"]:
-                if codec == "pq8":
-                    continue  # needs the cut's codebook: modelstore.partition_pq
-                codes, scales = tc.compute_codes(z, codec)
-                logits = _predict(tail, tc.decode_codes(codes, scales, codec))
+                if codec == "pq8" and pq is None:
+                    continue
+                codes, scales = tc.compute_codes(z, codec, pq)
+                logits = _predict(tail, tc.decode_codes(codes, scales, codec, pq))
                 acc.setdefault(codec, {})[name] = float(np.mean(logits.argmax(1) == splits[name].labels))
                 if name == first:
                     err[codec] = float(np.abs(logits - whole_logits[name]).max())
