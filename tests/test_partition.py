@@ -116,7 +116,7 @@ def test_lossy_cut_accuracy_within_0_3_points(name, partitions, test_split):
                 worst[f"{cut['point']}/{codec}"] = 100 * (cut["accuracy"][codec]["test"] - whole)
         assert cut["accuracy"]["float32"]["test"] == whole
         assert cut["max_abs_logit_error"]["float32"] <= 1e-5
-    assert min(worst.values()) >= -0.3, worst  # observed: within 0.07 points everywhere
+    assert min(worst.values()) >= -0.3, worst  # observed: never below the whole model (Q-CNN: up to +0.03)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -178,3 +178,28 @@ def test_cli_writes_pairs_profile_and_manifest(tmp_path, capsys):
     assert "edge_cnn.qcnn@pool1" in printed.out and "2308/2387" in printed.out  # int8 payload/frame bytes
     assert "profile:" in printed.err and "accuracy:" in printed.err  # progress on stderr
     json.dumps(manifest)
+
+
+def test_pq8_codebooks_from_the_train_split(tmp_path, test_split):
+    """pq8 at pool2 and fc1 of the edge CNN: codebooks on 500 train images, exact frame bytes, accuracy."""
+    from cloud_workers.train import TrainConfig, split_train
+    from modelstore.partition_pq import add_pq, load_pq
+
+    fit, _val = split_train(load_mnist(DATA_DIR, "train"), None, TrainConfig().seed)
+    manifest = write_partition(MODELS["edge_cnn"], tmp_path, ["pool2", "fc1"])
+    add_pq(manifest, tmp_path, load, fit.images[:500], dsub=4)
+    pool2, fc1 = manifest["cuts"]
+    assert (pool2["pq"]["M"], pool2["pq"]["K"], fc1["pq"]["M"]) == (8, 256, 32)
+    assert [c["codecs"]["pq8"]["payload_bytes"] for c in (pool2, fc1)] == [8 * 16, 32]
+    specs = cut_specs(manifest)
+    x = to_input(test_split.images[:4])
+    for cut in (pool2, fc1):
+        pq = load_pq(tmp_path, cut)
+        z = load("onnx", str(tmp_path / cut["head"]["file"])).predict(x)
+        data = wire.encode_tensor(wire.tensor_frames(z, "pq8", specs[cut["id"]], "dev0", 1, 0, pq=pq)[0])
+        assert len(data) == cut["codecs"]["pq8"]["frame_bytes"]
+        assert wire.check_cut(wire.decode_tensor(data), specs).pq_dsub == 4
+    evaluate_partition(manifest, tmp_path, MODELS["edge_cnn"], load, {"test": test_split})
+    for cut in (pool2, fc1):
+        drop = 100 * (manifest["accuracy"]["test"] - cut["accuracy"]["pq8"]["test"])
+        assert drop <= 1.0, (cut["id"], drop)  # observed with 2,000 train images: 0.0 (pool2), 0.10 (fc1)

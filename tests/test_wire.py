@@ -662,3 +662,24 @@ def test_tensor_frames_rejects_wrong_shape_and_non_finite():
     x[0, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="non-finite"):
         wire.tensor_frames(x, "int8", SPEC, "dev0", 1, 2)
+
+
+from hypothesis import given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@seed(SEED)
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 67), st.integers(0, 255)), max_size=6), st.integers(0, 68))
+def test_mutated_tensor_frames_decode_or_fail_with_a_known_reason(flips, cut):
+    """Byte flips and truncations of a valid tensor frame: a TensorFrame or a FrameDecodeError, nothing else."""
+    data = bytearray(raw_tensor_frame(scales=(0.01,), payload=bytes([0, 50, 129, 100])))
+    for at, value in flips:
+        data[at] = value
+    data = bytes(data[: len(data) - cut // 4])
+    try:
+        frame = wire.decode_tensor(data)
+    except FrameDecodeError as err:
+        assert err.reason in wire.DECODE_REASONS
+        return
+    assert wire.decode_tensor(wire.encode_tensor(frame)).cut_id == frame.cut_id
