@@ -243,7 +243,6 @@ typedef struct {
     quantize_fn quantize;
     scan_seg_fn scan_seg;
     rows_n_fn rows_n;
-    int seg_step; /* rows per step of scan_seg: a segment's length must be a multiple of it */
     int (*supported)(void);
 } path_t;
 
@@ -256,13 +255,13 @@ static int has_avx512bw(void) { return __builtin_cpu_supports("avx512f") && __bu
 /* Best first; "scalar" last. */
 static const path_t PATHS[] = {
 #ifdef FS_X86
-    {"avx512bw", scan_avx512bw, rows_avx512, quantize_avx512, scan_seg_avx512, rows_n_avx512, 4, has_avx512bw},
-    {"avx2", scan_avx2, rows_avx2, quantize_avx2, scan_seg_avx2, rows_n_avx2, 2, has_avx2},
+    {"avx512bw", scan_avx512bw, rows_avx512, quantize_avx512, scan_seg_avx512, rows_n_avx512, has_avx512bw},
+    {"avx2", scan_avx2, rows_avx2, quantize_avx2, scan_seg_avx2, rows_n_avx2, has_avx2},
 #endif
 #ifdef FS_NEON
-    {"neon", scan_neon, rows_scalar, quantize_scalar, scan_seg_scalar, rows_n_scalar, 1, always},
+    {"neon", scan_neon, rows_scalar, quantize_scalar, scan_seg_scalar, rows_n_scalar, always},
 #endif
-    {"scalar", scan_scalar, rows_scalar, quantize_scalar, scan_seg_scalar, rows_n_scalar, 1, always},
+    {"scalar", scan_scalar, rows_scalar, quantize_scalar, scan_seg_scalar, rows_n_scalar, always},
 };
 #define N_PATHS ((int)(sizeof PATHS / sizeof PATHS[0]))
 

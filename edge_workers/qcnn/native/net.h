@@ -46,13 +46,6 @@ typedef struct {
     Py_buffer arrays[NET_MAX_ARRAYS];
 } net_op_t;
 
-typedef struct {
-    Py_ssize_t n_ops, in_size, out_size, act_size; /* act_size: largest activation, floats */
-    int tr_out;                                    /* the last layer's output is [HW, C]: transpose it */
-    Py_ssize_t oc, ohw;
-    net_op_t *ops;
-} net_t;
-
 /* Per-call work buffers: two activations, a transposed one, a padded conv input, FC tables, one conv_buf_t per
  * PQ conv. */
 typedef struct {
@@ -60,6 +53,28 @@ typedef struct {
     uint8_t *q;
     conv_buf_t *conv;
 } net_ws_t;
+
+/* Work buffers kept by the net between calls (allocating and zeroing them cost about 1.5 us a call, a sixth of
+ * the edge CNN at batch 1): one per concurrent caller up to NET_WS_CACHE (the caller and the helper thread);
+ * further concurrent callers allocate their own. The zeros the kernels rely on (padding rows of the tables,
+ * padded subspaces) are never overwritten, so a kept buffer stays valid. */
+#if defined(__STDC_NO_ATOMICS__) || defined(_MSC_VER)
+#define NET_WS_CACHE 0
+#else
+#include <stdatomic.h>
+#define NET_WS_CACHE 2
+#endif
+
+typedef struct {
+    Py_ssize_t n_ops, in_size, out_size, act_size; /* act_size: largest activation, floats */
+    int tr_out;                                    /* the last layer's output is [HW, C]: transpose it */
+    Py_ssize_t oc, ohw;
+    net_op_t *ops;
+#if NET_WS_CACHE
+    net_ws_t ws[NET_WS_CACHE];
+    atomic_int ws_busy[NET_WS_CACHE];
+#endif
+} net_t;
 
 static float *fbuf(const net_op_t *op, int i) { return (float *)op->arrays[i].buf; }
 
@@ -145,8 +160,16 @@ static long long net_clock_ns(void) {
 /* y [N, out_size] = the net applied to x [N, in_size]; ns (optional, [n_ops]) gains each layer's time,
  * its input transpose included. 0, or -1 when out of memory. */
 static int net_run_timed(const path_t *p, const net_t *net, const float *x, Py_ssize_t N, float *y, long long *ns) {
-    net_ws_t ws = {0};
-    int rc = net_ws_alloc(net, &ws);
+    net_ws_t local = {0}, *ws = &local;
+    int slot = -1;
+#if NET_WS_CACHE
+    net_t *kept = (net_t *)net; /* the cache is the only part of the net a run changes */
+    for (int k = 0; k < NET_WS_CACHE && slot < 0; k++) {
+        int idle = 0;
+        if (atomic_compare_exchange_strong(&kept->ws_busy[k], &idle, 1)) slot = k, ws = &kept->ws[k];
+    }
+#endif
+    int rc = ws->act[0] ? 0 : net_ws_alloc(net, ws);
     for (Py_ssize_t n = 0; n < N && !rc; n++) {
         const float *in = x + n * net->in_size;
         int flip = 0;
@@ -155,21 +178,21 @@ static int net_run_timed(const path_t *p, const net_t *net, const float *x, Py_s
             if (op->fused) continue; /* a 2 x 2 pooling done by the conv before it */
             int last = i == net->n_ops - 1 || (i == net->n_ops - 2 && net->ops[i + 1].fused);
             long long t0 = ns ? net_clock_ns() : 0;
-            float *out = last && !net->tr_out ? y + n * net->out_size : ws.act[flip];
+            float *out = last && !net->tr_out ? y + n * net->out_size : ws->act[flip];
             flip ^= 1;
             if (op->tr_in) {
-                net_transpose(in, op->tc, op->thw, op->tr_in, ws.tr);
-                in = ws.tr;
+                net_transpose(in, op->tc, op->thw, op->tr_in, ws->tr);
+                in = ws->tr;
             }
             switch (op->kind) {
             case NET_CONV:
-                if (op->pool2) net_conv_pool_hwc(&op->c, in, op->wt, op->bp, op->relu, ws.pad, out);
-                else net_conv_hwc(&op->c, in, op->wt, op->bp, op->relu, ws.pad, out);
+                if (op->pool2) net_conv_pool_hwc(&op->c, in, op->wt, op->bp, op->relu, ws->pad, out);
+                else net_conv_hwc(&op->c, in, op->wt, op->bp, op->relu, ws->pad, out);
                 break;
             case NET_PQCONV:
-                net_pqconv_hwc(p, &op->c, &ws.conv[i], in, fbuf(op, 0), op->arrays[1].buf, fbuf(op, 2), out);
+                net_pqconv_hwc(p, &op->c, &ws->conv[i], in, fbuf(op, 0), op->arrays[1].buf, fbuf(op, 2), out);
                 break;
-            case NET_PQGEMM: net_pqgemm(p, op, in, ws.lut, ws.q, out); break;
+            case NET_PQGEMM: net_pqgemm(p, op, in, ws->lut, ws->q, out); break;
             case NET_GEMM: net_gemm(in, op->c.C, fbuf(op, 0), fbuf(op, 1), op->c.C_out, out); break;
             case NET_RELU: net_relu(in, out, op->in_size); break;
             case NET_MAXPOOL: net_maxpool_hwc(&op->c, in, out); break;
@@ -180,7 +203,13 @@ static int net_run_timed(const path_t *p, const net_t *net, const float *x, Py_s
             in = out;
         }
     }
-    net_ws_free(net, &ws);
+    if (slot < 0 || rc) {
+        net_ws_free(net, ws);
+        memset(ws, 0, sizeof *ws);
+    }
+#if NET_WS_CACHE
+    if (slot >= 0) atomic_store(&kept->ws_busy[slot], 0);
+#endif
     return rc;
 }
 
@@ -286,6 +315,9 @@ static void net_free(net_t *net) {
         free(net->ops[i].wt);
         free(net->ops[i].bp);
     }
+#if NET_WS_CACHE
+    for (int k = 0; net->ops && k < NET_WS_CACHE; k++) net_ws_free(net, &net->ws[k]);
+#endif
     free(net->ops);
     free(net);
 }

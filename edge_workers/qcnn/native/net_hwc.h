@@ -60,43 +60,54 @@ static const float *net_pad_hwc(const conv_t *c, const float *x, float *xp) {
     return xp;
 }
 
-/* n (<= NET_TILE) output positions of one row, 16 output channels (chunk k0 .. k0+15): xr points at the
- * padded input of the first position's top-left tap, tap s at xr + offs[s]; positions are sw*C floats apart.
- * One flat loop over taps x input channels (a 1-channel layer has one multiply-add per tap and position). */
-NET_CLONES4 static void net_conv_tile(const conv_t *c, const float *xr, const Py_ssize_t *offs, const float *wt,
-                                      Py_ssize_t cop, Py_ssize_t k0, const float *bp, int relu, Py_ssize_t n,
-                                      float *y) {
+/* n (<= NET_TILE, a constant where inlined) output positions of one row, 16 output channels (chunk k0 .. k0+15):
+ * xr points at the padded input of the first position's top-left tap, tap s at xr + offs[s]; positions are sw*C
+ * floats apart. One flat loop over taps x input channels (a 1-channel layer has one multiply-add per tap and
+ * position). */
+__attribute__((always_inline)) static inline void net_conv_tile_n(const conv_t *c, const float *xr,
+                                                                  const Py_ssize_t *offs, const float *wt,
+                                                                  Py_ssize_t cop, Py_ssize_t k0, const float *bp,
+                                                                  int relu, const int n, float *y) {
     Py_ssize_t C = c->C, step = c->sw * C, S = c->kh * c->kw;
     net_v16 acc[NET_TILE], bias = NET_LOAD16(bp + k0);
-    for (int t = 0; t < NET_TILE; t++) acc[t] = bias;
+    for (int t = 0; t < n; t++) acc[t] = bias;
     const float *wk = wt + k0;
-    if (n == NET_TILE && C == 1) {
+    if (C == 1) {
         for (Py_ssize_t s = 0; s < S; s++) {
             const float *xt = xr + offs[s];
             net_v16 wv = NET_LOAD16(wk + s * cop);
-            for (int t = 0; t < NET_TILE; t++) acc[t] += xt[t * step] * wv;
-        }
-    } else if (n == NET_TILE) {
-        for (Py_ssize_t s = 0; s < S; s++) {
-            const float *xt = xr + offs[s], *ws = wk + s * C * cop;
-            for (Py_ssize_t ch = 0; ch < C; ch++) {
-                net_v16 wv = NET_LOAD16(ws + ch * cop);
-                for (int t = 0; t < NET_TILE; t++) acc[t] += xt[t * step + ch] * wv;
-            }
+            for (int t = 0; t < n; t++) acc[t] += xt[t * step] * wv;
         }
     } else {
         for (Py_ssize_t s = 0; s < S; s++) {
             const float *xt = xr + offs[s], *ws = wk + s * C * cop;
             for (Py_ssize_t ch = 0; ch < C; ch++) {
                 net_v16 wv = NET_LOAD16(ws + ch * cop);
-                for (Py_ssize_t t = 0; t < n; t++) acc[t] += xt[t * step + ch] * wv;
+                for (int t = 0; t < n; t++) acc[t] += xt[t * step + ch] * wv;
             }
         }
     }
     Py_ssize_t keep = c->C_out - k0 < 16 ? c->C_out - k0 : 16;
-    for (Py_ssize_t t = 0; t < n; t++) {
+    for (int t = 0; t < n; t++) {
         if (relu) NET_RELU16(acc[t]);
-        memcpy(y + t * c->C_out + k0, &acc[t], sizeof(float) * (size_t)keep);
+        if (keep == 16) memcpy(y + t * c->C_out + k0, &acc[t], sizeof acc[t]); /* a constant size: one store */
+        else memcpy(y + t * c->C_out + k0, &acc[t], sizeof(float) * (size_t)keep);
+    }
+}
+
+/* net_conv_tile_n with n a constant (one specialized loop nest per tile width). */
+NET_CLONES4 static void net_conv_tile(const conv_t *c, const float *xr, const Py_ssize_t *offs, const float *wt,
+                                      Py_ssize_t cop, Py_ssize_t k0, const float *bp, int relu, Py_ssize_t n,
+                                      float *y) {
+    switch (n) {
+    case 8: net_conv_tile_n(c, xr, offs, wt, cop, k0, bp, relu, 8, y); break;
+    case 7: net_conv_tile_n(c, xr, offs, wt, cop, k0, bp, relu, 7, y); break;
+    case 6: net_conv_tile_n(c, xr, offs, wt, cop, k0, bp, relu, 6, y); break;
+    case 5: net_conv_tile_n(c, xr, offs, wt, cop, k0, bp, relu, 5, y); break;
+    case 4: net_conv_tile_n(c, xr, offs, wt, cop, k0, bp, relu, 4, y); break;
+    case 3: net_conv_tile_n(c, xr, offs, wt, cop, k0, bp, relu, 3, y); break;
+    case 2: net_conv_tile_n(c, xr, offs, wt, cop, k0, bp, relu, 2, y); break;
+    default: net_conv_tile_n(c, xr, offs, wt, cop, k0, bp, relu, 1, y); break;
     }
 }
 
@@ -157,7 +168,8 @@ NET_CLONES4 static void net_conv_pool_tile(const conv_t *c, const float *xr, Py_
         net_v16 a = NET_MAX16(top[2 * t], top[2 * t + 1]), b = NET_MAX16(bot[2 * t], bot[2 * t + 1]);
         net_v16 m = NET_MAX16(a, b);
         if (relu) NET_RELU16(m);
-        memcpy(y + t * c->C_out + k0, &m, sizeof(float) * (size_t)keep);
+        if (keep == 16) memcpy(y + t * c->C_out + k0, &m, sizeof m);
+        else memcpy(y + t * c->C_out + k0, &m, sizeof(float) * (size_t)keep);
     }
 }
 
@@ -248,7 +260,7 @@ static void net_pqconv_hwc(const path_t *p, const conv_t *c, conv_buf_t *wb, con
             }
     Py_ssize_t Cog = c->C_out / G, nblk = (Cog + FS_BLOCK - 1) / FS_BLOCK, seglen = c->kw * Mg;
     size_t tap_bytes = (size_t)(Mg * 16);
-    int in_place = G == 1 && c->dw == 1 && seglen % p->seg_step == 0; /* a kernel row's tables are contiguous */
+    int in_place = G == 1 && c->dw == 1; /* a kernel row's tables are contiguous */
     uint32_t sums[FS_BLOCK];
     for (Py_ssize_t oh = 0; oh < c->OH; oh++)
         for (Py_ssize_t ow = 0; ow < c->OW; ow++)
@@ -268,10 +280,14 @@ static void net_pqconv_hwc(const path_t *p, const conv_t *c, conv_buf_t *wb, con
                 const float *bo = bias + g * Cog;
                 for (Py_ssize_t blk = 0; blk < nblk; blk++) {
                     const uint8_t *cb = codes + (g * nblk + blk) * c->Mp * 16;
-                    if (in_place) p->scan_seg(cb, first, c->kh, seglen, c->dh * Wp * M * 16, sums);
-                    else p->scan(cb, wb->gathered, c->Mp, sums);
                     Py_ssize_t t0 = blk * FS_BLOCK, nt = Cog - t0 < FS_BLOCK ? Cog - t0 : FS_BLOCK;
-                    net_sums_out(sums, nt, bo + t0, (float)off, s, yo + t0);
+                    if (in_place) {
+                        seg_out_t o = {bo + t0, (float)off, s, nt, yo + t0};
+                        p->scan_seg(cb, first, c->kh, seglen, c->dh * Wp * M * 16, &o, sums);
+                    } else {
+                        p->scan(cb, wb->gathered, c->Mp, sums);
+                        net_sums_out(sums, nt, bo + t0, (float)off, s, yo + t0);
+                    }
                 }
             }
 }

@@ -5,19 +5,32 @@
  * against codes + i * seglen * 16: a convolution's kernel row a (kw taps, all subspaces of the one group)
  * is one segment of the padded position-major table array, so an output position is scanned straight
  * from the tables without first gathering its taps' rows into one buffer. The integer sums are the
- * plain scan's, on every path. seglen must be a multiple of the path's step (scan_step: 1 scalar/NEON,
- * 2 AVX2, 4 AVX-512BW); callers gather otherwise.
+ * plain scan's, on every path; any seglen (a segment's last step looks up zeros in the lanes past its end).
  *
- * sums[32] = sum over the segments' rows of lut[row, code(row, output)], outputs of one block of 32.
+ * sums[32] = sum over the segments' rows of lut[row, code(row, output)], outputs of one block of 32; with
+ * o->y set, the layer's outputs y[i] = bias[i] + off + scale * sums[i] (i < nt) instead, in conv_sample's
+ * arithmetic (fastscan.c: no multiply-add contraction), so every path still gives the same floats.
  */
 #ifndef EDGEQ_FASTSCAN_SEG_H
 #define EDGEQ_FASTSCAN_SEG_H
 
+typedef struct {
+    const float *bias; /* [nt] */
+    float off, scale;
+    Py_ssize_t nt;     /* outputs of this block, <= 32 */
+    float *y;          /* NULL: write sums */
+} seg_out_t;
+
 typedef void (*scan_seg_fn)(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen,
-                            Py_ssize_t lut_step, uint32_t *sums);
+                            Py_ssize_t lut_step, const seg_out_t *o, uint32_t *sums);
+
+static void seg_out_scalar(const uint32_t *sums, const seg_out_t *o) {
+    if (o && o->y)
+        for (Py_ssize_t i = 0; i < o->nt; i++) o->y[i] = o->bias[i] + o->off + o->scale * (float)sums[i];
+}
 
 static void scan_seg_scalar(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen,
-                            Py_ssize_t lut_step, uint32_t *sums) {
+                            Py_ssize_t lut_step, const seg_out_t *o, uint32_t *sums) {
     uint32_t acc[FS_BLOCK] = {0};
     for (Py_ssize_t s = 0; s < nseg; s++)
         for (Py_ssize_t q = 0; q < seglen; q++) {
@@ -28,11 +41,13 @@ static void scan_seg_scalar(const uint8_t *codes, const uint8_t *lut, Py_ssize_t
             }
         }
     memcpy(sums, acc, sizeof acc);
+    seg_out_scalar(sums, o);
 }
 
 #ifdef FS_X86
 __attribute__((target("avx2"))) static void scan_seg_avx2(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg,
-                                                          Py_ssize_t seglen, Py_ssize_t lut_step, uint32_t *sums) {
+                                                          Py_ssize_t seglen, Py_ssize_t lut_step, const seg_out_t *o,
+                                                          uint32_t *sums) {
     const __m256i nib = _mm256_set1_epi8(0x0f);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     __m256i wl = s0, ol = s0, wh = s0, oh = s0;
@@ -40,8 +55,14 @@ __attribute__((target("avx2"))) static void scan_seg_avx2(const uint8_t *codes, 
     for (Py_ssize_t s = 0; s < nseg; s++) {
         const uint8_t *cs = codes + s * seglen * 16, *ts = lut + s * lut_step;
         for (Py_ssize_t q = 0; q < seglen; q += 2) {
-            __m256i c = _mm256_loadu_si256((const __m256i *)(cs + q * 16));
-            __m256i t = _mm256_loadu_si256((const __m256i *)(ts + q * 16));
+            __m256i c, t;
+            if (q + 2 <= seglen) {
+                c = _mm256_loadu_si256((const __m256i *)(cs + q * 16));
+                t = _mm256_loadu_si256((const __m256i *)(ts + q * 16));
+            } else { /* an odd segment's last row: the upper lane looks up zeros */
+                c = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(cs + q * 16)));
+                t = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(ts + q * 16)));
+            }
             __m256i rl = _mm256_shuffle_epi8(t, _mm256_and_si256(c, nib));
             __m256i rh = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), nib));
             wl = _mm256_add_epi16(wl, rl);
@@ -62,6 +83,7 @@ __attribute__((target("avx2"))) static void scan_seg_avx2(const uint8_t *codes, 
     _mm256_storeu_si256((__m256i *)(sums + 8), s1);
     _mm256_storeu_si256((__m256i *)(sums + 16), s2);
     _mm256_storeu_si256((__m256i *)(sums + 24), s3);
+    seg_out_scalar(sums, o);
 }
 
 /* whole, odd: 32 x u16 (four lanes of 8, one subspace each), as flush_avx2's; the lanes are summed first
@@ -81,9 +103,9 @@ __attribute__((target("avx512f,avx512bw"))) static inline void flush_avx512(__m5
 }
 
 /* Four subspaces per step (one per 128-bit lane), FAISS's even/odd trick as in scan_avx2. */
-__attribute__((target("avx512f,avx512bw"))) static void scan_seg_avx512(const uint8_t *codes, const uint8_t *lut,
-                                                                        Py_ssize_t nseg, Py_ssize_t seglen,
-                                                                        Py_ssize_t lut_step, uint32_t *sums) {
+__attribute__((target("avx512f,avx512bw"), optimize("fp-contract=off"))) static void
+scan_seg_avx512(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen, Py_ssize_t lut_step,
+                const seg_out_t *o, uint32_t *sums) {
     const __m512i nib = _mm512_set1_epi8(0x0f);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     __m512i wl = _mm512_setzero_si512(), ol = wl, wh = wl, oh = wl;
@@ -91,8 +113,15 @@ __attribute__((target("avx512f,avx512bw"))) static void scan_seg_avx512(const ui
     for (Py_ssize_t s = 0; s < nseg; s++) {
         const uint8_t *cs = codes + s * seglen * 16, *ts = lut + s * lut_step;
         for (Py_ssize_t q = 0; q < seglen; q += 4) {
-            __m512i c = _mm512_loadu_si512((const void *)(cs + q * 16));
-            __m512i t = _mm512_loadu_si512((const void *)(ts + q * 16));
+            __m512i c, t;
+            if (q + 4 <= seglen) {
+                c = _mm512_loadu_si512((const void *)(cs + q * 16));
+                t = _mm512_loadu_si512((const void *)(ts + q * 16));
+            } else { /* the segment's last 1-3 rows: the lanes past them look up zeros */
+                __mmask64 keep = (1ULL << (16 * (seglen - q))) - 1;
+                c = _mm512_maskz_loadu_epi8(keep, cs + q * 16);
+                t = _mm512_maskz_loadu_epi8(keep, ts + q * 16);
+            }
             __m512i rl = _mm512_shuffle_epi8(t, _mm512_and_si512(c, nib));
             __m512i rh = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), nib));
             wl = _mm512_add_epi16(wl, rl);
@@ -109,6 +138,18 @@ __attribute__((target("avx512f,avx512bw"))) static void scan_seg_avx512(const ui
     }
     flush_avx512(wl, ol, &s0, &s1);
     flush_avx512(wh, oh, &s2, &s3);
+    if (o && o->y) { /* the outputs straight from the registers */
+        __m512 off = _mm512_set1_ps(o->off), sc = _mm512_set1_ps(o->scale);
+        __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(s0), s1, 1);
+        __m512i hi = _mm512_inserti64x4(_mm512_castsi256_si512(s2), s3, 1);
+        __mmask16 m0 = o->nt >= 16 ? 0xFFFF : (__mmask16)((1u << o->nt) - 1);
+        __mmask16 m1 = o->nt >= 32 ? 0xFFFF : o->nt <= 16 ? 0 : (__mmask16)((1u << (o->nt - 16)) - 1);
+        __m512 b0 = _mm512_maskz_loadu_ps(m0, o->bias), b1 = _mm512_maskz_loadu_ps(m1, o->bias + 16);
+        _mm512_mask_storeu_ps(o->y, m0, _mm512_add_ps(_mm512_add_ps(b0, off), _mm512_mul_ps(sc, _mm512_cvtepu32_ps(lo))));
+        _mm512_mask_storeu_ps(o->y + 16, m1,
+                              _mm512_add_ps(_mm512_add_ps(b1, off), _mm512_mul_ps(sc, _mm512_cvtepu32_ps(hi))));
+        return;
+    }
     _mm256_storeu_si256((__m256i *)sums, s0);
     _mm256_storeu_si256((__m256i *)(sums + 8), s1);
     _mm256_storeu_si256((__m256i *)(sums + 16), s2);
@@ -137,17 +178,18 @@ ROWS_N(rows_n_scalar, rows_scalar)
 #ifdef FS_X86
 ROWS_N(rows_n_avx2, rows_avx2)
 
-/* Four table rows (subspaces m .. m+3) of one position on 512 bits: separate multiply and add, so the tables are
- * bit-identical to the other paths' (AVX-512F implies FMA, and GCC would contract the intrinsics' multiply-add
- * into one: fp-contract=off). Their minima go to mins[0..3]; returns max - min per row in lanes 0, 4, 8, 12. */
+/* Four table rows on 512 bits (row r: inputs xs[r] at x_stride apart, codewords cbs[r]), written to lut[0..63]
+ * and their minima to mins[0..3]; returns max - min per row in lanes 0, 4, 8, 12. Separate multiply and add,
+ * so the tables are bit-identical to the other paths' (AVX-512F implies FMA, and GCC would contract the
+ * intrinsics' multiply-add into one: fp-contract=off). */
 __attribute__((target("avx512f"), optimize("fp-contract=off"), always_inline)) static inline __m512
-rows4_avx512(const float *x, Py_ssize_t x_stride, const float *cb, Py_ssize_t dsub, float *lut, float *mins) {
+rows4_avx512(const float *const *xs, Py_ssize_t x_stride, const float *const *cbs, Py_ssize_t dsub, float *lut,
+             float *mins) {
     __m512 a[4];
     for (int r = 0; r < 4; r++) {
-        const float *cr = cb + r * dsub * 16, *xr = x + r * dsub * x_stride;
         __m512 acc = _mm512_setzero_ps();
         for (Py_ssize_t d = 0; d < dsub; d++)
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(xr[d * x_stride]), _mm512_loadu_ps(cr + d * 16)));
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(xs[r][d * x_stride]), _mm512_loadu_ps(cbs[r] + d * 16)));
         _mm512_storeu_ps(lut + r * 16, acc);
         a[r] = acc;
     }
@@ -167,27 +209,31 @@ rows4_avx512(const float *x, Py_ssize_t x_stride, const float *cb, Py_ssize_t ds
     return _mm512_sub_ps(mx, mn);
 }
 
+/* The n positions' M rows are one run of n * M rows (position-major, as lut and mins are laid out), built four at
+ * a time whatever M is (a 2-subspace layer pairs two positions). */
 __attribute__((target("avx512f"), optimize("fp-contract=off"))) static float
 rows_n_avx512(const float *x, Py_ssize_t n, Py_ssize_t x_pos, Py_ssize_t x_stride, const float *cbt, Py_ssize_t M,
               Py_ssize_t dsub, float *lut, float *mins) {
     __m512 widest = _mm512_setzero_ps();
     float rest = 0.0f;
-    Py_ssize_t M4 = M / 4 * 4;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const float *xi = x + i * x_pos;
-        float *li = lut + i * M * 16, *mi = mins + i * M;
-        for (Py_ssize_t m = 0; m < M4; m += 4) { /* constant dsub: the inner loops unroll */
-            __m512 r = dsub == 4   ? rows4_avx512(xi + m * 4 * x_stride, x_stride, cbt + m * 64, 4, li + m * 16, mi + m)
-                       : dsub == 8 ? rows4_avx512(xi + m * 8 * x_stride, x_stride, cbt + m * 128, 8, li + m * 16, mi + m)
-                                   : rows4_avx512(xi + m * dsub * x_stride, x_stride, cbt + m * dsub * 16, dsub,
-                                                  li + m * 16, mi + m);
-            widest = _mm512_max_ps(widest, r);
+    Py_ssize_t R = n * M, r = 0, pos = 0, m = 0; /* row r = subspace m of position pos */
+    for (; r + 4 <= R; r += 4) {
+        const float *xs[4], *cbs[4];
+        for (int i = 0; i < 4; i++) {
+            xs[i] = x + pos * x_pos + m * dsub * x_stride;
+            cbs[i] = cbt + m * dsub * 16;
+            if (++m == M) m = 0, pos++;
         }
-        if (M4 < M) {
-            float r = rows_avx2(xi + M4 * dsub * x_stride, x_stride, cbt + M4 * dsub * 16, M - M4, dsub, li + M4 * 16,
-                                mi + M4);
-            rest = r > rest ? r : rest;
-        }
+        __m512 w = dsub == 4   ? rows4_avx512(xs, x_stride, cbs, 4, lut + r * 16, mins + r) /* constant dsub: */
+                   : dsub == 8 ? rows4_avx512(xs, x_stride, cbs, 8, lut + r * 16, mins + r) /* unrolled loops */
+                               : rows4_avx512(xs, x_stride, cbs, dsub, lut + r * 16, mins + r);
+        widest = _mm512_max_ps(widest, w);
+    }
+    for (; r < R; r++) {
+        float w = rows_avx2(x + pos * x_pos + m * dsub * x_stride, x_stride, cbt + m * dsub * 16, 1, dsub,
+                            lut + r * 16, mins + r);
+        rest = w > rest ? w : rest;
+        if (++m == M) m = 0, pos++;
     }
     float w = _mm512_reduce_max_ps(widest);
     return rest > w ? rest : w;
