@@ -103,10 +103,11 @@ typedef struct {
     uint8_t *q;      /* [P * M, 16] quantized tables */
     double *hsum;    /* [Hp * OW * group] rowsum summed over the kw taps of a kernel row at output column ow */
     uint8_t *gathered; /* [Mp, 16] the tables of one output position and group, tap-major */
+    float *offs;     /* [OW] the offsets of one output row's positions (net.h) */
 } conv_buf_t;
 
 static void conv_free(conv_buf_t *w) {
-    free(w->lut); free(w->mins); free(w->rowsum); free(w->hsum); free(w->q); free(w->gathered);
+    free(w->lut); free(w->mins); free(w->rowsum); free(w->hsum); free(w->q); free(w->gathered); free(w->offs);
 }
 
 static int conv_alloc(const conv_t *c, conv_buf_t *w) {
@@ -117,7 +118,8 @@ static int conv_alloc(const conv_t *c, conv_buf_t *w) {
     w->hsum = malloc(sizeof(double) * (size_t)((c->H + c->pt + c->pb) * c->OW * c->group));
     w->q = malloc(P * M * 16);
     w->gathered = calloc((size_t)c->Mp * 16, 1);
-    if (!w->lut || !w->mins || !w->rowsum || !w->hsum || !w->q || !w->gathered) {
+    w->offs = malloc(sizeof(float) * (size_t)(c->OW > 0 ? c->OW : 1));
+    if (!w->lut || !w->mins || !w->rowsum || !w->hsum || !w->q || !w->gathered || !w->offs) {
         conv_free(w);
         return -1;
     }

@@ -190,14 +190,16 @@ static int net_run_timed(const path_t *p, const net_t *net, const float *x, Py_s
                 else net_conv_hwc(&op->c, in, op->wt, op->bp, op->relu, ws->pad, out);
                 break;
             case NET_PQCONV:
-                net_pqconv_hwc(p, &op->c, &ws->conv[i], in, fbuf(op, 0), op->arrays[1].buf, fbuf(op, 2), out);
+                net_pqconv_hwc(p, &op->c, &ws->conv[i], in, fbuf(op, 0), op->arrays[1].buf, fbuf(op, 2), op->relu,
+                               out);
                 break;
             case NET_PQGEMM: net_pqgemm(p, op, in, ws->lut, ws->q, out); break;
             case NET_GEMM: net_gemm(in, op->c.C, fbuf(op, 0), fbuf(op, 1), op->c.C_out, out); break;
             case NET_RELU: net_relu(in, out, op->in_size); break;
             case NET_MAXPOOL: net_maxpool_hwc(&op->c, in, out); break;
             }
-            if (op->relu && op->kind != NET_CONV) net_relu(out, out, op->out_size); /* conv: in registers */
+            if (op->relu && op->kind != NET_CONV && op->kind != NET_PQCONV) /* convs: in registers */
+                net_relu(out, out, op->out_size);
             if (last && net->tr_out) net_transpose(out, net->oc, net->ohw, 2, y + n * net->out_size);
             if (ns) ns[i] += net_clock_ns() - t0;
             in = out;

@@ -72,7 +72,13 @@ __attribute__((always_inline)) static inline void net_conv_tile_n(const conv_t *
     net_v16 acc[NET_TILE], bias = NET_LOAD16(bp + k0);
     for (int t = 0; t < n; t++) acc[t] = bias;
     const float *wk = wt + k0;
-    if (C == 1) {
+    if (C == 1 && step == 1) { /* a first layer: the positions' inputs at constant offsets */
+        for (Py_ssize_t s = 0; s < S; s++) {
+            const float *xt = xr + offs[s];
+            net_v16 wv = NET_LOAD16(wk + s * cop);
+            for (int t = 0; t < n; t++) acc[t] += xt[t] * wv;
+        }
+    } else if (C == 1) {
         for (Py_ssize_t s = 0; s < S; s++) {
             const float *xt = xr + offs[s];
             net_v16 wv = NET_LOAD16(wk + s * cop);
@@ -142,7 +148,16 @@ NET_CLONES4 static void net_conv_pool_tile(const conv_t *c, const float *xr, Py_
     net_v16 top[2 * NET_PTILE], bot[2 * NET_PTILE], bias = NET_LOAD16(bp + k0);
     for (int t = 0; t < 2 * NET_PTILE; t++) top[t] = bot[t] = bias;
     const float *wk = wt + k0;
-    if (n == NET_PTILE && C == 1) { /* the common case (a first layer): one multiply-add per tap and position */
+    if (n == NET_PTILE && C == 1 && step == 1) { /* a first layer: one multiply-add per tap and position, the */
+        for (Py_ssize_t s = 0; s < S; s++) {       /* positions' inputs at constant offsets */
+            const float *xt = xr + offs[s], *xb = xt + row;
+            net_v16 wv = NET_LOAD16(wk + s * cop);
+            for (int t = 0; t < 2 * NET_PTILE; t++) {
+                top[t] += xt[t] * wv;
+                bot[t] += xb[t] * wv;
+            }
+        }
+    } else if (n == NET_PTILE && C == 1) {
         for (Py_ssize_t s = 0; s < S; s++) {
             const float *xt = xr + offs[s];
             net_v16 wv = NET_LOAD16(wk + s * cop);
@@ -225,14 +240,18 @@ NET_CLONES4 static void net_maxpool_hwc(const conv_t *c, const float *x, float *
 /* yo[i] = bo[i] + off + s * sums[i], i < nt: conv_sample's arithmetic (no multiply-add contraction), vectorized. */
 __attribute__((optimize("fp-contract=off"))) NET_CLONES4 static void net_sums_out(const uint32_t *sums, Py_ssize_t nt,
                                                                                  const float *bo, float off, float s,
-                                                                                 float *yo) {
-    for (Py_ssize_t i = 0; i < nt; i++) yo[i] = bo[i] + off + s * (float)(int32_t)sums[i]; /* sums < 2^31 */
+                                                                                 int relu, float *yo) {
+    for (Py_ssize_t i = 0; i < nt; i++) {
+        float v = bo[i] + off + s * (float)(int32_t)sums[i]; /* sums < 2^31 */
+        yo[i] = relu && !(v > 0.0f) ? 0.0f : v;
+    }
 }
 
-/* One sample of a PQ convolution on x [H, W, C] -> y [OH, OW, C_out]: the same tables, quantization,
- * offsets and integer sums as conv_sample (fastscan.c), hence the same outputs, in the other layout. */
+/* One sample of a PQ convolution on x [H, W, C] -> y [OH, OW, C_out] (relu: max(y, 0)): the same tables,
+ * quantization, offsets and integer sums as conv_sample (fastscan.c), hence the same outputs, in the other layout.
+ * Without groups or dilation a whole output row is one scan_seg call. */
 static void net_pqconv_hwc(const path_t *p, const conv_t *c, conv_buf_t *wb, const float *xn, const float *cbt,
-                           const uint8_t *codes, const float *bias, float *yn) {
+                           const uint8_t *codes, const float *bias, int relu, float *yn) {
     Py_ssize_t Wp = c->W + c->pl + c->pr, P = (c->H + c->pt + c->pb) * Wp, M = c->M, Mg = c->Mg, G = c->group;
     float widest = 0.0f;
     for (Py_ssize_t h = 0; h < c->H; h++) { /* one image row of positions at a time */
@@ -263,33 +282,34 @@ static void net_pqconv_hwc(const path_t *p, const conv_t *c, conv_buf_t *wb, con
     int in_place = G == 1 && c->dw == 1; /* a kernel row's tables are contiguous */
     uint32_t sums[FS_BLOCK];
     for (Py_ssize_t oh = 0; oh < c->OH; oh++)
-        for (Py_ssize_t ow = 0; ow < c->OW; ow++)
-            for (Py_ssize_t g = 0; g < G; g++) {
+        for (Py_ssize_t g = 0; g < G; g++) {
+            for (Py_ssize_t ow = 0; ow < c->OW; ow++) { /* the row's offsets, as conv_sample sums them */
                 double off = 0.0;
                 for (Py_ssize_t a = 0; a < c->kh; a++) off += wb->hsum[((oh * c->sh + a * c->dh) * c->OW + ow) * G + g];
-                const uint8_t *first = wb->q + ((oh * c->sh) * Wp + ow * c->sw) * M * 16;
-                if (!in_place) {
+                wb->offs[ow] = (float)off;
+            }
+            float *yrow = yn + oh * c->OW * c->C_out + g * Cog;
+            const float *bo = bias + g * Cog;
+            for (Py_ssize_t blk = 0; blk < nblk; blk++) {
+                const uint8_t *cb = codes + (g * nblk + blk) * c->Mp * 16;
+                Py_ssize_t t0 = blk * FS_BLOCK, nt = Cog - t0 < FS_BLOCK ? Cog - t0 : FS_BLOCK;
+                if (in_place) { /* the whole output row in one call */
+                    seg_out_t o = {bo + t0, wb->offs, s, nt, c->OW, c->sw * M * 16, c->C_out, relu, yrow + t0};
+                    p->scan_seg(cb, wb->q + oh * c->sh * Wp * M * 16, c->kh, seglen, c->dh * Wp * M * 16, &o, sums);
+                    continue;
+                }
+                for (Py_ssize_t ow = 0; ow < c->OW; ow++) {
                     uint8_t *dst = wb->gathered;
                     for (Py_ssize_t a = 0; a < c->kh; a++) {
                         Py_ssize_t pos0 = (oh * c->sh + a * c->dh) * Wp + ow * c->sw;
                         for (Py_ssize_t b = 0; b < c->kw; b++, dst += tap_bytes)
                             memcpy(dst, wb->q + ((pos0 + b * c->dw) * M + g * Mg) * 16, tap_bytes);
                     }
-                }
-                float *yo = yn + (oh * c->OW + ow) * c->C_out + g * Cog;
-                const float *bo = bias + g * Cog;
-                for (Py_ssize_t blk = 0; blk < nblk; blk++) {
-                    const uint8_t *cb = codes + (g * nblk + blk) * c->Mp * 16;
-                    Py_ssize_t t0 = blk * FS_BLOCK, nt = Cog - t0 < FS_BLOCK ? Cog - t0 : FS_BLOCK;
-                    if (in_place) {
-                        seg_out_t o = {bo + t0, (float)off, s, nt, yo + t0};
-                        p->scan_seg(cb, first, c->kh, seglen, c->dh * Wp * M * 16, &o, sums);
-                    } else {
-                        p->scan(cb, wb->gathered, c->Mp, sums);
-                        net_sums_out(sums, nt, bo + t0, (float)off, s, yo + t0);
-                    }
+                    p->scan(cb, wb->gathered, c->Mp, sums);
+                    net_sums_out(sums, nt, bo + t0, wb->offs[ow], s, relu, yrow + ow * c->C_out + t0);
                 }
             }
+        }
 }
 
 #endif /* EDGEQ_FASTSCAN_NET_HWC_H */

@@ -15,22 +15,45 @@
 #define EDGEQ_FASTSCAN_SEG_H
 
 typedef struct {
-    const float *bias; /* [nt] */
-    float off, scale;
-    Py_ssize_t nt;     /* outputs of this block, <= 32 */
-    float *y;          /* NULL: write sums */
+    const float *bias;  /* [nt] */
+    const float *offs;  /* [npos]: each position's offset (sum of its rows' minima) */
+    float scale;
+    Py_ssize_t nt;      /* outputs of this block, <= 32 */
+    Py_ssize_t npos;    /* output positions scanned in one call (one output row) ... */
+    Py_ssize_t lut_pos; /* ... their tables lut_pos bytes apart ... */
+    Py_ssize_t y_pos;   /* ... and their outputs y_pos floats apart */
+    int relu;           /* max(y, 0) */
+    float *y;           /* NULL: write the sums of one position */
 } seg_out_t;
 
 typedef void (*scan_seg_fn)(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen,
                             Py_ssize_t lut_step, const seg_out_t *o, uint32_t *sums);
 
-static void seg_out_scalar(const uint32_t *sums, const seg_out_t *o) {
-    if (o && o->y)
-        for (Py_ssize_t i = 0; i < o->nt; i++) o->y[i] = o->bias[i] + o->off + o->scale * (float)sums[i];
+/* Outputs of position p from its sums. */
+static void seg_out_scalar(const uint32_t *sums, const seg_out_t *o, Py_ssize_t p) {
+    float *y = o->y + p * o->y_pos;
+    for (Py_ssize_t i = 0; i < o->nt; i++) {
+        float v = o->bias[i] + o->offs[p] + o->scale * (float)sums[i];
+        y[i] = o->relu && !(v > 0.0f) ? 0.0f : v;
+    }
 }
 
-static void scan_seg_scalar(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen,
-                            Py_ssize_t lut_step, const seg_out_t *o, uint32_t *sums) {
+/* A path's one-position segmented scan run over o->npos positions (or just the sums when o->y is NULL). */
+#define SEG_ROW(name, one)                                                                                      \
+    static void name(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen,           \
+                     Py_ssize_t lut_step, const seg_out_t *o, uint32_t *sums) {                               \
+        if (!o || !o->y) {                                                                                    \
+            one(codes, lut, nseg, seglen, lut_step, sums);                                                    \
+            return;                                                                                           \
+        }                                                                                                     \
+        for (Py_ssize_t p = 0; p < o->npos; p++) {                                                            \
+            one(codes, lut + p * o->lut_pos, nseg, seglen, lut_step, sums);                                   \
+            seg_out_scalar(sums, o, p);                                                                       \
+        }                                                                                                     \
+    }
+
+static void scan_one_scalar(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen,
+                            Py_ssize_t lut_step, uint32_t *sums) {
     uint32_t acc[FS_BLOCK] = {0};
     for (Py_ssize_t s = 0; s < nseg; s++)
         for (Py_ssize_t q = 0; q < seglen; q++) {
@@ -41,13 +64,12 @@ static void scan_seg_scalar(const uint8_t *codes, const uint8_t *lut, Py_ssize_t
             }
         }
     memcpy(sums, acc, sizeof acc);
-    seg_out_scalar(sums, o);
 }
+SEG_ROW(scan_seg_scalar, scan_one_scalar)
 
 #ifdef FS_X86
-__attribute__((target("avx2"))) static void scan_seg_avx2(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg,
-                                                          Py_ssize_t seglen, Py_ssize_t lut_step, const seg_out_t *o,
-                                                          uint32_t *sums) {
+__attribute__((target("avx2"))) static void scan_one_avx2(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg,
+                                                          Py_ssize_t seglen, Py_ssize_t lut_step, uint32_t *sums) {
     const __m256i nib = _mm256_set1_epi8(0x0f);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     __m256i wl = s0, ol = s0, wh = s0, oh = s0;
@@ -83,8 +105,8 @@ __attribute__((target("avx2"))) static void scan_seg_avx2(const uint8_t *codes, 
     _mm256_storeu_si256((__m256i *)(sums + 8), s1);
     _mm256_storeu_si256((__m256i *)(sums + 16), s2);
     _mm256_storeu_si256((__m256i *)(sums + 24), s3);
-    seg_out_scalar(sums, o);
 }
+SEG_ROW(scan_seg_avx2, scan_one_avx2)
 
 /* whole, odd: 32 x u16 (four lanes of 8, one subspace each), as flush_avx2's; the lanes are summed first
  * (each u32 sum holds at most 4 * 255 * FS_FLUSH), then added to a0 (outputs 0-7) and a1 (8-15). */
@@ -103,9 +125,9 @@ __attribute__((target("avx512f,avx512bw"))) static inline void flush_avx512(__m5
 }
 
 /* Four subspaces per step (one per 128-bit lane), FAISS's even/odd trick as in scan_avx2. */
-__attribute__((target("avx512f,avx512bw"), optimize("fp-contract=off"))) static void
-scan_seg_avx512(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen, Py_ssize_t lut_step,
-                const seg_out_t *o, uint32_t *sums) {
+__attribute__((target("avx512f,avx512bw"), optimize("fp-contract=off"), always_inline)) static inline void
+scan_one_avx512(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen, Py_ssize_t lut_step,
+                const seg_out_t *o, Py_ssize_t p, uint32_t *sums) {
     const __m512i nib = _mm512_set1_epi8(0x0f);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     __m512i wl = _mm512_setzero_si512(), ol = wl, wh = wl, oh = wl;
@@ -139,15 +161,18 @@ scan_seg_avx512(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ss
     flush_avx512(wl, ol, &s0, &s1);
     flush_avx512(wh, oh, &s2, &s3);
     if (o && o->y) { /* the outputs straight from the registers */
-        __m512 off = _mm512_set1_ps(o->off), sc = _mm512_set1_ps(o->scale);
+        __m512 off = _mm512_set1_ps(o->offs[p]), sc = _mm512_set1_ps(o->scale), zero = _mm512_setzero_ps();
         __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(s0), s1, 1);
         __m512i hi = _mm512_inserti64x4(_mm512_castsi256_si512(s2), s3, 1);
         __mmask16 m0 = o->nt >= 16 ? 0xFFFF : (__mmask16)((1u << o->nt) - 1);
         __mmask16 m1 = o->nt >= 32 ? 0xFFFF : o->nt <= 16 ? 0 : (__mmask16)((1u << (o->nt - 16)) - 1);
         __m512 b0 = _mm512_maskz_loadu_ps(m0, o->bias), b1 = _mm512_maskz_loadu_ps(m1, o->bias + 16);
-        _mm512_mask_storeu_ps(o->y, m0, _mm512_add_ps(_mm512_add_ps(b0, off), _mm512_mul_ps(sc, _mm512_cvtepu32_ps(lo))));
-        _mm512_mask_storeu_ps(o->y + 16, m1,
-                              _mm512_add_ps(_mm512_add_ps(b1, off), _mm512_mul_ps(sc, _mm512_cvtepu32_ps(hi))));
+        __m512 y0 = _mm512_add_ps(_mm512_add_ps(b0, off), _mm512_mul_ps(sc, _mm512_cvtepu32_ps(lo)));
+        __m512 y1 = _mm512_add_ps(_mm512_add_ps(b1, off), _mm512_mul_ps(sc, _mm512_cvtepu32_ps(hi)));
+        if (o->relu) y0 = _mm512_max_ps(y0, zero), y1 = _mm512_max_ps(y1, zero); /* NaN, -0 -> +0 as net_relu */
+        float *y = o->y + p * o->y_pos;
+        _mm512_mask_storeu_ps(y, m0, y0);
+        _mm512_mask_storeu_ps(y + 16, m1, y1);
         return;
     }
     _mm256_storeu_si256((__m256i *)sums, s0);
@@ -156,6 +181,16 @@ scan_seg_avx512(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ss
     _mm256_storeu_si256((__m256i *)(sums + 24), s3);
 }
 
+__attribute__((target("avx512f,avx512bw"), optimize("fp-contract=off"))) static void
+scan_seg_avx512(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ssize_t seglen, Py_ssize_t lut_step,
+                const seg_out_t *o, uint32_t *sums) {
+    if (!o || !o->y) {
+        scan_one_avx512(codes, lut, nseg, seglen, lut_step, NULL, 0, sums);
+        return;
+    }
+    for (Py_ssize_t p = 0; p < o->npos; p++)
+        scan_one_avx512(codes, lut + p * o->lut_pos, nseg, seglen, lut_step, o, p, sums);
+}
 #endif
 
 /* rows_n: the tables of n positions (a conv's image row): position i reads x + i * x_pos (dims x_stride apart),
