@@ -307,7 +307,9 @@ print(json.dumps({{"package": edge_workers.__file__, "paths": fastscan.paths(),
     assert "C compiler" in warnings[0]
 
 
-@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("case", CONV_CASES + [
+    (128, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 1, 16, 5, 4),  # 1,152 rows per output: flushes on the way
+])
 def test_net_pq_conv_channels_last_gives_the_conv_kernels_outputs(case):
     """The net runs PQ convs on channels-last activations, scanning kernel rows in place (or gathering them for
     groups, dilations and odd row lengths): same tables, offsets and integer sums as the standalone conv kernel,

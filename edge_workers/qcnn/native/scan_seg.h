@@ -131,33 +131,43 @@ scan_one_avx512(const uint8_t *codes, const uint8_t *lut, Py_ssize_t nseg, Py_ss
     const __m512i nib = _mm512_set1_epi8(0x0f);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     __m512i wl = _mm512_setzero_si512(), ol = wl, wh = wl, oh = wl;
-    int steps = 0;
-    for (Py_ssize_t s = 0; s < nseg; s++) {
-        const uint8_t *cs = codes + s * seglen * 16, *ts = lut + s * lut_step;
-        for (Py_ssize_t q = 0; q < seglen; q += 4) {
-            __m512i c, t;
-            if (q + 4 <= seglen) {
-                c = _mm512_loadu_si512((const void *)(cs + q * 16));
-                t = _mm512_loadu_si512((const void *)(ts + q * 16));
-            } else { /* the segment's last 1-3 rows: the lanes past them look up zeros */
-                __mmask64 keep = (1ULL << (16 * (seglen - q))) - 1;
-                c = _mm512_maskz_loadu_epi8(keep, cs + q * 16);
-                t = _mm512_maskz_loadu_epi8(keep, ts + q * 16);
-            }
-            __m512i rl = _mm512_shuffle_epi8(t, _mm512_and_si512(c, nib));
-            __m512i rh = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), nib));
-            wl = _mm512_add_epi16(wl, rl);
-            ol = _mm512_add_epi16(ol, _mm512_srli_epi16(rl, 8));
-            wh = _mm512_add_epi16(wh, rh);
-            oh = _mm512_add_epi16(oh, _mm512_srli_epi16(rh, 8));
-            if (++steps == FS_FLUSH) {
-                flush_avx512(wl, ol, &s0, &s1);
-                flush_avx512(wh, oh, &s2, &s3);
-                wl = ol = wh = oh = _mm512_setzero_si512();
-                steps = 0;
+    Py_ssize_t full = seglen / 4 * 4, tail = seglen - full;
+    const __mmask64 keep = (1ULL << (16 * tail)) - 1; /* the segment's last 1-3 rows: lanes past them look up 0 */
+#define SEG_STEP(c, t)                                                                                       \
+    do {                                                                                                     \
+        __m512i rl = _mm512_shuffle_epi8(t, _mm512_and_si512(c, nib));                                       \
+        __m512i rh = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), nib));                 \
+        wl = _mm512_add_epi16(wl, rl);                                                                       \
+        ol = _mm512_add_epi16(ol, _mm512_srli_epi16(rl, 8));                                                 \
+        wh = _mm512_add_epi16(wh, rh);                                                                       \
+        oh = _mm512_add_epi16(oh, _mm512_srli_epi16(rh, 8));                                                 \
+    } while (0)
+    if (nseg * ((seglen + 3) / 4) <= FS_FLUSH) { /* short (a conv's output position): no flush on the way */
+        for (Py_ssize_t s = 0; s < nseg; s++) {
+            const uint8_t *cs = codes + s * seglen * 16, *ts = lut + s * lut_step;
+            for (Py_ssize_t q = 0; q < full; q += 4)
+                SEG_STEP(_mm512_loadu_si512((const void *)(cs + q * 16)), _mm512_loadu_si512((const void *)(ts + q * 16)));
+            if (tail) SEG_STEP(_mm512_maskz_loadu_epi8(keep, cs + full * 16), _mm512_maskz_loadu_epi8(keep, ts + full * 16));
+        }
+    } else {
+        int steps = 0;
+        for (Py_ssize_t s = 0; s < nseg; s++) {
+            const uint8_t *cs = codes + s * seglen * 16, *ts = lut + s * lut_step;
+            for (Py_ssize_t q = 0; q < seglen; q += 4) {
+                if (q < full)
+                    SEG_STEP(_mm512_loadu_si512((const void *)(cs + q * 16)), _mm512_loadu_si512((const void *)(ts + q * 16)));
+                else
+                    SEG_STEP(_mm512_maskz_loadu_epi8(keep, cs + q * 16), _mm512_maskz_loadu_epi8(keep, ts + q * 16));
+                if (++steps == FS_FLUSH) {
+                    flush_avx512(wl, ol, &s0, &s1);
+                    flush_avx512(wh, oh, &s2, &s3);
+                    wl = ol = wh = oh = _mm512_setzero_si512();
+                    steps = 0;
+                }
             }
         }
     }
+#undef SEG_STEP
     flush_avx512(wl, ol, &s0, &s1);
     flush_avx512(wh, oh, &s2, &s3);
     if (o && o->y) { /* the outputs straight from the registers */
@@ -213,19 +223,18 @@ ROWS_N(rows_n_scalar, rows_scalar)
 #ifdef FS_X86
 ROWS_N(rows_n_avx2, rows_avx2)
 
-/* Four table rows on 512 bits (row r: inputs xs[r] at x_stride apart, codewords cbs[r]), written to lut[0..63]
- * and their minima to mins[0..3]; returns max - min per row in lanes 0, 4, 8, 12. Separate multiply and add,
- * so the tables are bit-identical to the other paths' (AVX-512F implies FMA, and GCC would contract the
- * intrinsics' multiply-add into one: fp-contract=off). */
+/* Four table rows on 512 bits: row r from inputs xs[r] (x_stride apart) and the codewords cb[0..dsub) (one
+ * subspace, in registers), written to luts[r][0..15], its minimum to *mins[r]; returns max - min per row in
+ * lanes 0, 4, 8, 12. Separate multiply and add, so the tables are bit-identical to the other paths' (AVX-512F
+ * implies FMA, and GCC would contract the intrinsics' multiply-add into one: fp-contract=off). */
 __attribute__((target("avx512f"), optimize("fp-contract=off"), always_inline)) static inline __m512
-rows4_avx512(const float *const *xs, Py_ssize_t x_stride, const float *const *cbs, Py_ssize_t dsub, float *lut,
-             float *mins) {
+rows4_avx512(const float *const *xs, Py_ssize_t x_stride, const __m512 *cb, Py_ssize_t dsub, float *const *luts,
+             float *const *mins) {
     __m512 a[4];
     for (int r = 0; r < 4; r++) {
         __m512 acc = _mm512_setzero_ps();
-        for (Py_ssize_t d = 0; d < dsub; d++)
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(xs[r][d * x_stride]), _mm512_loadu_ps(cbs[r] + d * 16)));
-        _mm512_storeu_ps(lut + r * 16, acc);
+        for (Py_ssize_t d = 0; d < dsub; d++) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(xs[r][d * x_stride]), cb[d]));
+        _mm512_storeu_ps(luts[r], acc);
         a[r] = acc;
     }
     /* 4 rows x 16 -> 4 x (min, max): halve the width three times, pairing rows */
@@ -239,36 +248,49 @@ rows4_avx512(const float *const *xs, Py_ssize_t x_stride, const float *const *cb
     mx = _mm512_max_ps(mx, _mm512_permute_ps(mx, 0x4E));
     mn = _mm512_min_ps(mn, _mm512_permute_ps(mn, 0xB1));
     mx = _mm512_max_ps(mx, _mm512_permute_ps(mx, 0xB1));
-    _mm_storeu_ps(mins, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                                                                        0, 0, 12, 8, 4, 0), mn)));
+    float mv[16];
+    _mm512_storeu_ps(mv, mn);
+    for (int r = 0; r < 4; r++) *mins[r] = mv[4 * r];
     return _mm512_sub_ps(mx, mn);
 }
 
-/* The n positions' M rows are one run of n * M rows (position-major, as lut and mins are laid out), built four at
- * a time whatever M is (a 2-subspace layer pairs two positions). */
+/* One subspace m at every position, four positions at a time, its codewords held in registers. */
+__attribute__((target("avx512f"), optimize("fp-contract=off"), always_inline)) static inline __m512
+rows_m_avx512(const float *x, Py_ssize_t n4, Py_ssize_t x_pos, Py_ssize_t x_stride, const float *cbm, Py_ssize_t M,
+              Py_ssize_t m, const Py_ssize_t dsub, float *lut, float *mins) {
+    __m512 cb[16], widest = _mm512_setzero_ps();
+    for (Py_ssize_t d = 0; d < dsub; d++) cb[d] = _mm512_loadu_ps(cbm + d * 16);
+    for (Py_ssize_t i = 0; i < n4; i += 4) {
+        const float *xs[4];
+        float *luts[4], *mn[4];
+        for (int r = 0; r < 4; r++) {
+            xs[r] = x + (i + r) * x_pos + m * dsub * x_stride;
+            luts[r] = lut + ((i + r) * M + m) * 16;
+            mn[r] = mins + (i + r) * M + m;
+        }
+        widest = _mm512_max_ps(widest, rows4_avx512(xs, x_stride, cb, dsub, luts, mn));
+    }
+    return widest;
+}
+
+/* rows_n on 512 bits: subspace by subspace (dsub <= 16), four positions' rows at a time; what is left (n % 4
+ * positions, or dsub > 16) by rows_avx2. */
 __attribute__((target("avx512f"), optimize("fp-contract=off"))) static float
 rows_n_avx512(const float *x, Py_ssize_t n, Py_ssize_t x_pos, Py_ssize_t x_stride, const float *cbt, Py_ssize_t M,
               Py_ssize_t dsub, float *lut, float *mins) {
     __m512 widest = _mm512_setzero_ps();
-    float rest = 0.0f;
-    Py_ssize_t R = n * M, r = 0, pos = 0, m = 0; /* row r = subspace m of position pos */
-    for (; r + 4 <= R; r += 4) {
-        const float *xs[4], *cbs[4];
-        for (int i = 0; i < 4; i++) {
-            xs[i] = x + pos * x_pos + m * dsub * x_stride;
-            cbs[i] = cbt + m * dsub * 16;
-            if (++m == M) m = 0, pos++;
-        }
-        __m512 w = dsub == 4   ? rows4_avx512(xs, x_stride, cbs, 4, lut + r * 16, mins + r) /* constant dsub: */
-                   : dsub == 8 ? rows4_avx512(xs, x_stride, cbs, 8, lut + r * 16, mins + r) /* unrolled loops */
-                               : rows4_avx512(xs, x_stride, cbs, dsub, lut + r * 16, mins + r);
+    Py_ssize_t n4 = dsub <= 16 ? n / 4 * 4 : 0;
+    for (Py_ssize_t m = 0; m < M && n4; m++) {
+        const float *cbm = cbt + m * dsub * 16;
+        __m512 w = dsub == 4   ? rows_m_avx512(x, n4, x_pos, x_stride, cbm, M, m, 4, lut, mins) /* constant dsub: */
+                   : dsub == 8 ? rows_m_avx512(x, n4, x_pos, x_stride, cbm, M, m, 8, lut, mins) /* unrolled loops */
+                               : rows_m_avx512(x, n4, x_pos, x_stride, cbm, M, m, dsub, lut, mins);
         widest = _mm512_max_ps(widest, w);
     }
-    for (; r < R; r++) {
-        float w = rows_avx2(x + pos * x_pos + m * dsub * x_stride, x_stride, cbt + m * dsub * 16, 1, dsub,
-                            lut + r * 16, mins + r);
+    float rest = 0.0f;
+    for (Py_ssize_t i = n4; i < n; i++) {
+        float w = rows_avx2(x + i * x_pos, x_stride, cbt, M, dsub, lut + i * M * 16, mins + i * M);
         rest = w > rest ? w : rest;
-        if (++m == M) m = 0, pos++;
     }
     float w = _mm512_reduce_max_ps(widest);
     return rest > w ? rest : w;
