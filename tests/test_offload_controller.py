@@ -233,3 +233,38 @@ def test_time_going_backwards_is_refused():
     ctl.tick(Measurement(10.0))
     with pytest.raises(ValueError, match="non-decreasing: got 9.0 after 10.0"):
         ctl.tick(Measurement(9.0))
+
+
+def test_decisions_and_link_estimates_reach_the_split_metrics():
+    from prometheus_client import REGISTRY
+
+    from edge_workers.link_estimator import LinkEstimator
+    from edge_workers.split_metrics import SplitMetrics
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, {"hop": "device_to_edge", **labels})
+
+    metrics, ctl = SplitMetrics("device_to_edge"), OffloadController(ControllerConfig(uplink_budget_kbps=8.0), OPTS)
+    link = LinkEstimator(SLOW).estimate(0.0)
+    m = Measurement(0.0, 5000.0, link=SLOW)
+    metrics.record(ctl.tick(m), ctl.utilisation(m), link)
+    assert value("edgeq_split_choice", cut="m@pool2", codec="int8") == 1
+    assert value("edgeq_split_decisions_total", reason="split_changed", changed="true") == 1
+    assert value("edgeq_split_predicted_latency_seconds") == pytest.approx((0.4 + 590 * 8e-3 + 1.0) / 1e3)
+    assert value("edgeq_split_budget_utilisation_ratio") == pytest.approx(5.0)
+    assert value("edgeq_split_link_bandwidth_bytes_per_second") == 1e6 / 8
+    assert value("edgeq_split_link_rtt_seconds") == pytest.approx(1e-3)
+    m = Measurement(10.0, 5000.0, cloud_failures=3, link=FAST)
+    metrics.record(ctl.tick(m))
+    assert value("edgeq_split_mode", mode="edge-only") == 1 and value("edgeq_split_mode", mode="offload") == 0
+    assert value("edgeq_split_threshold") == pytest.approx(0.9)
+    metrics.record(ctl.tick(Measurement(20.0, link=FAST)))
+    metrics.record(ctl.tick(Measurement(30.0, link=FAST)))
+    metrics.record(ctl.tick(Measurement(40.0, link=FAST)))  # recovered at 40, then the raw frame is faster
+    metrics.record(ctl.tick(Measurement(50.0, link=FAST)))
+    assert value("edgeq_split_choice", cut=INPUT, codec="raw") == 1
+    assert value("edgeq_split_choice", cut="m@pool2", codec="int8") == 0
+    metrics.observe_latency(0.03)
+    assert value("edgeq_split_measured_latency_seconds_bucket", le="0.05") == 1
+    with pytest.raises(ValueError, match="unknown hop 'uplink'"):
+        SplitMetrics("uplink")
