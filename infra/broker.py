@@ -185,7 +185,7 @@ class MosquittoBroker(ChildServer):
     def _prepare(self) -> None:
         self._binary = find_mosquitto()
 
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
         """Start (ChildServer.start); with the dynamic-security plugin, fail if it could not load its file."""
         super().start(timeout)
         if self.auth == "dynsec":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -33,6 +34,7 @@ import queue
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -59,7 +61,7 @@ DAYS = 365
 
 
 class SecuritySetupError(EdgeqError):
-    """openssl is missing or failed while making the CA or a certificate."""
+    """openssl is missing or failed while making the CA or a certificate, or the broker refused an account change."""
 
 
 def _b64(b: bytes) -> str:
@@ -194,8 +196,8 @@ def add_device(d: Path, device_id: str, broker: mqttlib.MqttConfig, password: st
         raise ConfigError(f"device id {device!r} is a service account name; choose another device id")
     pw = password or secrets.token_urlsafe(24)
     role = device_role(device)
-    admin = mqttlib.MqttConfig(**{**vars(broker), "username": ADMIN_ACCOUNT, "password": None,
-                                  "password_file": str(d / "secrets" / ADMIN_ACCOUNT)})
+    admin = dataclasses.replace(broker, username=ADMIN_ACCOUNT, password=None,
+                                password_file=str(d / "secrets" / ADMIN_ACCOUNT))
     _control(admin, [{"command": "createRole", **role},
                      {"command": "createClient", "username": device, "password": pw,
                       "roles": [{"rolename": role["rolename"]}]}], timeout)
@@ -210,35 +212,41 @@ def add_device(d: Path, device_id: str, broker: mqttlib.MqttConfig, password: st
 
 def _control(cfg: mqttlib.MqttConfig, commands: list[dict], timeout: float) -> list[dict]:
     """Send dynamic-security commands and return the plugin's responses; SecuritySetupError on any error."""
+    tag = secrets.token_hex(8)  # the plugin echoes it: other admins' responses arrive on the same topic
     events: queue.Queue = queue.Queue()
-    client = mqttlib.make_client(cfg, f"{ADMIN_ACCOUNT}-{secrets.token_hex(4)}")
+    client = mqttlib.make_client(cfg, f"{ADMIN_ACCOUNT}-{tag}")
     client.on_connect = lambda c, u, f, rc, p: (events.put(("connect", str(rc))) if rc.is_failure
                                                 else c.subscribe(f"{CONTROL_TOPIC}/response", qos=1))
     client.on_subscribe = lambda c, u, mid, rcs, p: events.put(("suback", [rc.value for rc in rcs]))
     client.on_message = lambda c, u, m: events.put(("response", m.payload))
     mqttlib.start(client, cfg)
+    deadline = time.monotonic() + timeout
     try:
-        kind, value = _next_event(events, timeout, cfg)
+        kind, value = _next_event(events, deadline, cfg)
         if kind != "suback" or value[0] >= 0x80:
             raise SecuritySetupError(f"{ADMIN_ACCOUNT} on {cfg.address}: {kind} {value} (is the broker using "
                                      "the dynamic-security plugin, with this directory's accounts?)")
-        client.publish(CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
-        _, payload = _next_event(events, timeout, cfg)
+        client.publish(CONTROL_TOPIC, json.dumps({"commands": [{**c, "correlationData": tag} for c in commands]}),
+                       qos=1)
+        responses: list[dict] = []
+        while len(responses) < len(commands):
+            kind, value = _next_event(events, deadline, cfg)
+            if kind == "response":
+                responses += [r for r in json.loads(value).get("responses", []) if r.get("correlationData") == tag]
     finally:
         client.disconnect()
         client.loop_stop()
-    responses = json.loads(payload)["responses"]
     errors = [f"{r['command']}: {r['error']}" for r in responses if r.get("error")]
     if errors:
         raise SecuritySetupError(f"the dynamic-security plugin on {cfg.address} refused {'; '.join(errors)}")
     return responses
 
 
-def _next_event(events: queue.Queue, timeout: float, cfg: mqttlib.MqttConfig) -> tuple[str, object]:
+def _next_event(events: queue.Queue, deadline: float, cfg: mqttlib.MqttConfig) -> tuple[str, object]:
     try:
-        return events.get(timeout=timeout)
+        return events.get(timeout=max(0.0, deadline - time.monotonic()))
     except queue.Empty:
-        raise SecuritySetupError(f"no answer from the broker at {cfg.address} within {timeout:.0f}s") from None
+        raise SecuritySetupError(f"no answer from the broker at {cfg.address} in time") from None
 
 
 def _openssl(*args: str) -> None:

@@ -470,9 +470,8 @@ def test_launcher_refuses_a_dynsec_file_mosquitto_cannot_rewrite_or_read() -> No
         # Readable and writable, but not JSON: Mosquitto would run and refuse every client; the launcher stops it.
         security.init(d, ["devA0"], days=1)
         json_file.write_text('{"clients": [')
-        with pytest.raises(BrokerError, match="not valid JSON"):
-            with MosquittoBroker(workdir=workdir, secure_dir=d):
-                pass
+        with pytest.raises(BrokerError, match="not valid JSON"), MosquittoBroker(workdir=workdir, secure_dir=d):
+            pass
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -529,3 +528,20 @@ def test_dynsec_admin_adds_a_device_on_the_running_broker(dynsec: Secure) -> Non
                               input=admin_pw, capture_output=True, text=True, timeout=30, check=False)
         assert done.returncode == 0 and "edgeq-device.devC0" in done.stdout, done.stdout + done.stderr
     assert pw not in dynsec.broker.log_path.read_text(errors="replace")
+
+
+def test_add_device_cli_adds_on_the_plugin_and_explains_an_acl_file_broker(dynsec: Secure, aclfile: Secure) -> None:
+    import sys
+
+    def add(secure: Secure, device: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "infra.security", "add-device", str(secure.dir), "--device", device,
+                               "--broker", f"{secure.broker.host}:{secure.broker.tls_port}",
+                               "--tls-ca", str(secure.dir / "ca.pem")],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    ok = add(dynsec, "devD0")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert connack(dynsec.cfg("devD0", password=(dynsec.dir / "secrets" / "devD0").read_text().strip())) == "Success"
+    refused = add(aclfile, "devD0")  # no edgeq-admin in an acl_file broker's passwd
+    assert refused.returncode == 2 and "Not authorized" in refused.stderr, refused.stdout + refused.stderr
+    assert not (aclfile.dir / "secrets" / "devD0").exists()
