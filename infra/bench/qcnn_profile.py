@@ -76,7 +76,8 @@ def onnxruntime_nodes(path, x: np.ndarray, repeats: int, threads: int = 1) -> li
     for ev in events:
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
             node = ev["name"][: -len("_kernel_time")]
-            per_node.setdefault(node, []).append(float(ev["dur"]))
+            op = ev.get("args", {}).get("op_name", "")
+            per_node.setdefault(f"{op} ({node})" if op else node, []).append(float(ev["dur"]))
     out = []
     for node, durs in per_node.items():
         timed = durs[-runs:]  # the warm-up calls' events come first
@@ -89,8 +90,10 @@ def profile_table(rows: list[tuple[str, int, str, list[LayerTime]]]) -> Table:
     t = Table("Per-layer time (1 thread, µs per sample)", ["model", "batch", "runtime", "layer", "µs", "share %"],
               note="Q-CNN EC native: the native net's own timers around each layer (native/net.h: net_profile; "
                    "a layer's input transpose is part of it, a 2 x 2 pooling fused into the conv before it is "
-                   "shown with that conv). float: onnxruntime's profiler, kernel time of each node (its session "
-                   "overhead is not in these rows). Medians over the calls, divided by the batch.")
+                   "shown with that conv). float: onnxruntime's profiler, kernel time of each node after its graph "
+                   "optimizations (Conv+Relu fused into NCHWc convs, named after their output; the profiler counts "
+                   "whole microseconds, so batch-1 rows are coarse; session overhead is not in these rows). Medians "
+                   "over the calls, divided by the batch.")
     for model, batch, runtime, layers in rows:
         total = sum(ly.us for ly in layers) or 1.0
         for ly in layers:
