@@ -144,11 +144,12 @@ def cmd_broker(cfg: EdgeqConfig, args: argparse.Namespace) -> int:
     from infra.broker import MosquittoBroker
 
     secure = getattr(args, "secure", None)
-    # --secure: TLS on --host, the plain listener on loopback only (infra/mosquitto/prod.conf says why).
+    # --secure: TLS on --host, the plain listener on loopback only (infra/mosquitto/prod-dynsec.conf says why).
     host = "127.0.0.1" if secure else args.host
     with MosquittoBroker(port=args.port, host=host, secure_dir=secure, tls_port=args.tls_port,
-                         tls_host=args.host) as broker:
-        tls = f", TLS on {broker.host}:{broker.tls_port} (accounts and ACL from {secure})" if secure else ""
+                         tls_host=args.host, auth=args.auth) as broker:
+        tls = (f", TLS on {broker.host}:{broker.tls_port} (accounts and ACLs from {secure}, {broker.auth})"
+               if secure else "")
         progress(f"[broker] mosquitto listening on {broker.address}{tls}; config and log in {broker.workdir}; "
                  "Ctrl-C stops")
         while broker.running:
@@ -272,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; with --secure, of the "
                                                         "TLS listener)")
     p.add_argument("--secure", metavar="DIR",
-                   help="production config (infra/mosquitto/prod.conf): no anonymous clients, the passwd, acl and "
-                        "TLS files in DIR (make them with `python -m infra.security init DIR`); docs/security.md")
+                   help="production config: no anonymous clients, accounts, publish and subscribe ACLs and TLS from "
+                        "the files in DIR (make them with `python -m infra.security init DIR`); docs/security.md")
+    p.add_argument("--auth", choices=("auto", "dynsec", "acl_file"), default="auto",
+                   help="with --secure: 'dynsec' = Mosquitto's dynamic-security plugin (prod-dynsec.conf, checks "
+                        "SUBSCRIBE too), 'acl_file' = prod.conf (does not check SUBSCRIBE), 'auto' (default) = "
+                        "dynsec when the plugin and DIR/dynamic-security.json exist")
     p.add_argument("--tls-port", type=int, default=8883, help="TLS listener port with --secure (default 8883)")
     p.set_defaults(func=cmd_broker)
 
