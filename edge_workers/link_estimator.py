@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from modelstore.profiles import KNOWN_LINKS, LinkProfile, links_from_config
 
@@ -91,7 +92,7 @@ class LinkEstimator:
 
     @classmethod
     def from_config(cls, name: str, links_cfg: Mapping[str, Mapping[str, Any]] | None = None,
-                    default: LinkProfile | None = None, **kw) -> "LinkEstimator":
+                    default: LinkProfile | None = None, **kw) -> LinkEstimator:
         """An estimator for link `name`: fields given in links_cfg (links_from_config's format) are pinned; the
         prior is that config merged over KNOWN_LINKS, else `default`."""
         links = links_from_config(links_cfg)

@@ -40,10 +40,16 @@ traffic from after the previous change.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
-from edge_workers.split_planner import NoFeasiblePlan, Option, expected_latency_ms, feasible, plan
+from edge_workers.split_planner import (
+    NoFeasiblePlan,
+    Option,
+    expected_latency_ms,
+    feasible,
+    plan,
+)
 from modelstore.profiles import LinkProfile
 
 OFFLOAD, EDGE_ONLY = "offload", "edge-only"

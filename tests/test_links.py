@@ -9,7 +9,14 @@ import time
 
 import pytest
 
-from infra.bench.links import EmulatedLink, LinkCheck, LinkSpec, _recv_exact, _TestServer, check_link
+from infra.bench.links import (
+    EmulatedLink,
+    LinkCheck,
+    LinkSpec,
+    _recv_exact,
+    _TestServer,
+    check_link,
+)
 
 FAST = LinkSpec("test-20mbit-20ms", 20e6, 0.010)  # RTT 20 ms
 
@@ -39,4 +46,4 @@ def test_rate_change_applies_to_later_bytes_and_errors_name_values():
     with pytest.raises(ValueError, match="need rate_bps > 0 and 0 <= delay_s < 10, got 0.0"):
         LinkSpec("bad", 0.0, 0.01)
     with pytest.raises(RuntimeError, match="link x is not started"):
-        EmulatedLink(1e6, 0.0, ("127.0.0.1", 1), "x").address
+        _ = EmulatedLink(1e6, 0.0, ("127.0.0.1", 1), "x").address

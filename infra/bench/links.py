@@ -49,7 +49,7 @@ BENCH_LINKS = (LinkSpec("1mbit-50ms", 1e6, 0.025), LinkSpec("10mbit-10ms", 10e6,
 class _Direction:
     """One way of one connection: read, schedule each quantum's delivery time, write it at that time."""
 
-    def __init__(self, link: "EmulatedLink", reader, writer, counter: str):
+    def __init__(self, link: EmulatedLink, reader, writer, counter: str):
         self.link, self.reader, self.writer, self.counter = link, reader, writer, counter
         self.queue: asyncio.Queue = asyncio.Queue()
         self.next_free = 0.0     # when the serializer is free again (loop time, s)
@@ -94,7 +94,7 @@ class _Direction:
                     await asyncio.sleep(wait - _SPIN_S)
                 rest = deliver - loop.time()
                 if rest > 0:  # the last millisecond blocking: asyncio's timers round up to whole milliseconds
-                    time.sleep(rest)
+                    time.sleep(rest)  # noqa: ASYNC251  (on purpose, at most _SPIN_S)
                 if not data:
                     break
                 self.writer.write(data)
@@ -123,7 +123,7 @@ class EmulatedLink:
         self._server = None
 
     @classmethod
-    def from_spec(cls, spec: LinkSpec, upstream: tuple[str, int], **kw) -> "EmulatedLink":
+    def from_spec(cls, spec: LinkSpec, upstream: tuple[str, int], **kw) -> EmulatedLink:
         return cls(spec.rate_bps, spec.delay_s, upstream, spec.name, **kw)
 
     @property
@@ -180,7 +180,7 @@ class EmulatedLink:
         self._thread.join(10)
         self._thread = self._loop = None
 
-    def __enter__(self) -> "EmulatedLink":
+    def __enter__(self) -> EmulatedLink:  # noqa: PYI034  (3.10 has no typing.Self)
         self.start()
         return self
 
@@ -285,7 +285,7 @@ def check_link(spec: LinkSpec, transfer_s: float = 2.0, pings: int = 20, echo_by
         with EmulatedLink.from_spec(spec, server.address) as link, \
                 socket.create_connection(link.address, timeout=transfer_s * 3 + 10) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            serial = lambda n: 8 * n / spec.rate_bps  # noqa: E731
+            serial = lambda n: 8 * n / spec.rate_bps
             rtts = []
             for _ in range(pings):
                 t0 = time.perf_counter()

@@ -17,9 +17,9 @@ import argparse
 import os
 import shlex
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from infra.bench.links import BENCH_LINKS, EmulatedLink, LinkCheck, LinkSpec, check_link
 from infra.bench.partition_report import AdaptivePoint, AdaptiveRun, link_check_table
@@ -140,19 +140,19 @@ def run(args: argparse.Namespace, progress: Progress) -> str:
     load1 = os.getloadavg()[0]
     table = link_check_table(checks)
     notes = [
-        "Each link is an in-process TCP proxy on 127.0.0.1 (infra/bench/links.py): per direction a serializer "
-        "at the rate followed by the one-way delay; link names give the rate and the RTT (2 x one-way delay).",
-        "The echo's error is mostly the proxy's own cost (Python, four traversals per echo): "
-        f"{min(c.rtt_s[0] - c.rtt_s[1] for c in checks) * 1e3:+.2f} to "
-        f"{max(c.rtt_s[0] - c.rtt_s[1] for c in checks) * 1e3:+.2f} ms here whatever the delay, a large share "
-        "only of the 1 ms link's RTT.",
+        ("Each link is an in-process TCP proxy on 127.0.0.1 (infra/bench/links.py): per direction a serializer "
+         "at the rate followed by the one-way delay; link names give the rate and the RTT (2 x one-way delay)."),
+        ("The echo's error is mostly the proxy's own cost (Python, four traversals per echo): "
+         f"{min(c.rtt_s[0] - c.rtt_s[1] for c in checks) * 1e3:+.2f} to "
+         f"{max(c.rtt_s[0] - c.rtt_s[1] for c in checks) * 1e3:+.2f} ms here whatever the delay, a large share "
+         "only of the 1 ms link's RTT."),
         "Transfers: worst error " + ", ".join(
             f"{c.name} {max(abs(LinkCheck.error(c.upload_s)), abs(LinkCheck.error(c.download_s))) * 100:.1f} %"
             for c in checks) + ". At 100 Mbit/s the proxy moves 12.5 MB/s in Python, and it falls behind when "
         "other jobs take the cores; the benchmark's traffic is about 1 Mbit/s, where the per-message delay (the "
         "echo) is what counts.",
-        f"1-minute load average {load0:.1f} at the start and {load1:.1f} at the end on "
-        f"{machine_info()['cores usable / online']} cores (shared with other engineers' jobs).",
+        (f"1-minute load average {load0:.1f} at the start and {load1:.1f} at the end on "
+         f"{machine_info()['cores usable / online']} cores (shared with other engineers' jobs)."),
         "Not run yet: " + PENDING.split("; run")[0].replace("the pipeline modes (", "").replace(") need", " need")
         + ". The harness for them is in infra/bench/partition.py and partition_report.py.",
     ]
