@@ -97,9 +97,9 @@ class _Direction:
                     time.sleep(rest)  # noqa: ASYNC251  (on purpose, at most _SPIN_S)
                 if not data:
                     break
+                setattr(self.link, self.counter, getattr(self.link, self.counter) + len(data))  # before the peer can see it
                 self.writer.write(data)
                 await self.writer.drain()
-                setattr(self.link, self.counter, getattr(self.link, self.counter) + len(data))
         except (ConnectionError, OSError):
             pass
         finally:
