@@ -28,8 +28,15 @@ from typing import Callable
 
 import numpy as np
 
-from infra.bench.qcnn_profile import native_layers, onnxruntime_nodes, profile_table
-from infra.bench.qcnn_tables import latency_table, layer_table, ratio_table, size_table, targets_table, wide_note
+from infra.bench.qcnn_profile import missed_note, native_layers, onnxruntime_nodes, profile_table
+from infra.bench.qcnn_tables import (
+    bench_notes,
+    latency_table,
+    layer_table,
+    ratio_table,
+    size_table,
+    targets_table,
+)
 from infra.bench.report import machine_info, usable_cores, write_markdown
 from infra.bench.sweep import FrontierPoint, SweepPoint, frontier_table, plot_frontier, plot_sweep, sweep_table
 from infra.bench.timing import Latency, measure_interleaved
@@ -382,41 +389,11 @@ def run_bench(cfg: QcnnBenchConfig, progress: Progress, command: str) -> str:
         plot_sweep(out_dir / "qcnn_sweep.png", points, float_bytes, refs)
         images.append(("edge CNN: held-out accuracy vs compression ratio over K and dsub", "qcnn_sweep.png"))
     machine = machine_info()
-    notes = [
-        f"Held-out accuracy on the first {len(cases[0].x_eval)} images of the MNIST test split; calibration "
-        f"({cfg.calib_images} images) drawn from the train split only.",
-        f"The wide FC model has random weights, so accuracy is n/a; its output error is measured on "
-        f"{cfg.wide_eval} held-out random N(0, 1) inputs (calibration: {len(cases[-1].calib)} other random inputs, "
-        "at least 2 D so EC's least squares is overdetermined). Random weights have no structure for "
-        "k-means to exploit: this model measures size and speed, its error is a worst case.",
-        wide_note(cases[-1]),
-        "Q-CNN main rows: edge CNN with the shipped model's settings ("
-        + ", ".join(f"{k}={_ec(cases[0]).report.config.get(k)}" for k in QCNN_KEYS)
-        + "; chosen on the train split's last 1,000 images, not on the test split), cloud CNN with the "
-        "compressor's CompressConfig defaults but conv_dsub=8 (the shipped file's); the wide FC also sets "
-        "last_fc=pq (its only layer) and fc_k=16. "
-        "The sweep sets conv_k=fc_k=K and conv_dsub=fc_dsub=dsub, the frontier the settings named in its table; "
-        "both report the held-out accuracy of each file (runtime default kernels: native where K <= 16).",
-        "Kernels: the Q-CNN k-means and Q-CNN EC rows run the numba float-table kernels (the reference); "
-        f"{NATIVE} runs the same EC file on the native fast-scan kernels ({_native_path()}: 4-bit codes, "
-        "lookup tables quantized to 8 bits per sample, SIMD byte shuffles, 16-bit accumulators), the whole graph "
-        "as one native net (edge_workers/qcnn/native_net.py: the float conv, ReLU, pooling and FC layers in C "
-        f"too, one call per batch); {SEGMENTS} runs the same PQ kernels with the layers between them as "
-        "onnxruntime sessions (the runtime's segments mode). With 2 threads the native rows split a batch in "
-        "two halves (the net: the second half on a C helper thread that spins between calls; segments: a "
-        "Python thread).",
-        "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
-        "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
-        "(onnxruntime's CPU guidance).",
-        f"Latency: {cfg.repeats} timed calls per cell after 3 warm-up calls (fewer if a cell passed "
-        f"{cfg.max_seconds:g} s; see runs), threads pinned via SessionOptions.intra_op_num_threads and the "
-        "Q-CNN runtime's threads option. The variants of one model, batch and thread count are timed in "
-        "alternating blocks of 50 calls with 100 ms pauses (infra/bench/timing.py: measure_interleaved), so "
-        "drifts in the speed of this shared VM hit them alike; numba's OpenMP threads wait passively "
-        "(OMP_WAIT_POLICY=PASSIVE) and the pauses let onnxruntime's spinning workers stop, so one variant's "
-        "threads do not take a core from the next. The absolute figures still move from run to run.",
-        f"Wall time of this run: {time.perf_counter() - t_start:.0f} s.",
-    ]
+    settings = ", ".join(f"{k}={_ec(cases[0]).report.config.get(k)}" for k in QCNN_KEYS)
+    notes = bench_notes(cfg, cases, settings, NATIVE, SEGMENTS, _native_path(), time.perf_counter() - t_start)
+    missed = missed_note(tables[0], profiles, NATIVE)
+    if missed:
+        notes.insert(0, missed)
     write_markdown(out_dir / "qcnn.md", "Q-CNN vs float and int8 onnxruntime", tables, machine, command,
                    intro="Produced by `edgeq bench qcnn` (infra/bench/qcnn.py); rerun the command below to refresh.",
                    notes=notes, images=images)

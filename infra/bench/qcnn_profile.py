@@ -100,3 +100,27 @@ def profile_table(rows: list[tuple[str, int, str, list[LayerTime]]]) -> Table:
             t.add(model, batch, runtime, ly.name, f"{ly.us:.2f}", f"{100 * ly.us / total:.0f}")
         t.add(model, batch, runtime, "sum", f"{total:.2f}", "100")
     return t
+
+
+def missed_note(targets, rows: list[tuple[str, int, str, list[LayerTime]]], native: str) -> str | None:
+    """A note naming each missed speed target of `targets` (targets_table) with the per-layer times that explain it."""
+    import re
+
+    parts = []
+    for what, measured, goal, met in targets.rows:
+        m = re.match(r"(.+), batch (\d+), (\d+) thread", what)
+        if met != "no" or not m:
+            continue
+        model, batch = m.group(1), int(m.group(2))
+        times = {rt: layers for mo, b, rt, layers in rows if mo == model and b == batch}
+        if native not in times or "float" not in times:
+            parts.append(f"{what}: {measured} (goal {goal}).")
+            continue
+        nat, flt = times[native], times["float"]
+        top = sorted(nat, key=lambda ly: -ly.us)[:2]
+        big = max(flt, key=lambda ly: ly.us)
+        parts.append(f"{what}: {measured} (goal {goal}). One thread, µs per sample: native net "
+                     f"{sum(ly.us for ly in nat):.1f} (largest: " + ", ".join(f"{ly.name} {ly.us:.1f}" for ly in top)
+                     + f") vs onnxruntime float kernels {sum(ly.us for ly in flt):.1f} (largest: {big.name} "
+                     f"{big.us:.1f}) in the per-layer table.")
+    return ("Missed: " + " ".join(parts)) if parts else None

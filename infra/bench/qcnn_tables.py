@@ -148,3 +148,42 @@ def latency_table(cases: list, threads: tuple[int, ...], batches: tuple[int, ...
                     t.add(c.name, batch, th, v.name, f"{lat.median_ms:.3f}", f"{lat.p90_ms:.3f}", lat.runs,
                           f"{ref.median_ms / lat.median_ms:.2f}")
     return t
+
+
+def bench_notes(cfg, cases: list, settings: str, native: str, segments: str, native_path: str,
+                seconds: float) -> list[str]:
+    """The notes under the tables of qcnn.md (how each figure was made); the last one is the wall time."""
+    return [
+        f"Held-out accuracy on the first {len(cases[0].x_eval)} images of the MNIST test split; calibration "
+        f"({cfg.calib_images} images) drawn from the train split only.",
+        f"The wide FC model has random weights, so accuracy is n/a; its output error is measured on "
+        f"{cfg.wide_eval} held-out random N(0, 1) inputs (calibration: {len(cases[-1].calib)} other random inputs, "
+        "at least 2 D so EC's least squares is overdetermined). Random weights have no structure for "
+        "k-means to exploit: this model measures size and speed, its error is a worst case.",
+        wide_note(cases[-1]),
+        f"Q-CNN main rows: edge CNN with the shipped model's settings ({settings}"
+        "; chosen on the train split's last 1,000 images, not on the test split), cloud CNN with the "
+        "compressor's CompressConfig defaults but conv_dsub=8 (the shipped file's); the wide FC also sets "
+        "last_fc=pq (its only layer) and fc_k=16. "
+        "The sweep sets conv_k=fc_k=K and conv_dsub=fc_dsub=dsub, the frontier the settings named in its table; "
+        "both report the held-out accuracy of each file (runtime default kernels: native where K <= 16).",
+        "Kernels: the Q-CNN k-means and Q-CNN EC rows run the numba float-table kernels (the reference); "
+        f"{native} runs the same EC file on the native fast-scan kernels ({native_path}: 4-bit codes, "
+        "lookup tables quantized to 8 bits per sample, SIMD byte shuffles, 16-bit accumulators), the whole graph "
+        "as one native net (edge_workers/qcnn/native_net.py: the float conv, ReLU, pooling and FC layers in C "
+        f"too, one call per batch); {segments} runs the same PQ kernels with the layers between them as "
+        "onnxruntime sessions (the runtime's segments mode). With 2 threads the native rows split a batch in "
+        "two halves (the net: the second half on a C helper thread that spins between calls; segments: a "
+        "Python thread).",
+        "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
+        "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
+        "(onnxruntime's CPU guidance).",
+        f"Latency: {cfg.repeats} timed calls per cell after 3 warm-up calls (fewer if a cell passed "
+        f"{cfg.max_seconds:g} s; see runs), threads pinned via SessionOptions.intra_op_num_threads and the "
+        "Q-CNN runtime's threads option. The variants of one model, batch and thread count are timed in "
+        "alternating blocks of 50 calls with 100 ms pauses (infra/bench/timing.py: measure_interleaved), so "
+        "drifts in the speed of this shared VM hit them alike; numba's OpenMP threads wait passively "
+        "(OMP_WAIT_POLICY=PASSIVE) and the pauses let onnxruntime's spinning workers stop, so one variant's "
+        "threads do not take a core from the next. The absolute figures still move from run to run.",
+        f"Wall time of this run: {seconds:.0f} s.",
+    ]
