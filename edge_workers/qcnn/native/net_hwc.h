@@ -95,9 +95,33 @@ __attribute__((always_inline)) static inline void net_conv_tile_n(const conv_t *
     }
     Py_ssize_t keep = c->C_out - k0 < 16 ? c->C_out - k0 : 16;
     for (int t = 0; t < n; t++) {
-        if (relu) NET_RELU16(acc[t]);
-        if (keep == 16) memcpy(y + t * c->C_out + k0, &acc[t], sizeof acc[t]); /* a constant size: one store */
-        else memcpy(y + t * c->C_out + k0, &acc[t], sizeof(float) * (size_t)keep);
+        net_v16 v = acc[t]; /* a copy: taking acc's address would keep the whole tile in memory */
+        if (relu) NET_RELU16(v);
+        if (keep == 16) memcpy(y + t * c->C_out + k0, &v, sizeof v); /* a constant size: one store */
+        else memcpy(y + t * c->C_out + k0, &v, sizeof(float) * (size_t)keep);
+    }
+}
+
+/* 8 positions x output channels k0 .. k0+31 (all real) of a 1-channel, stride-1 conv: each input broadcast feeds
+ * two multiply-adds (the cloud CNN's 32-channel first layer). */
+NET_CLONES4 static void net_conv_tile_c1x32(const conv_t *c, const float *xr, const Py_ssize_t *offs, const float *wt,
+                                            Py_ssize_t cop, Py_ssize_t k0, const float *bp, int relu, float *y) {
+    net_v16 a[NET_TILE], b[NET_TILE], b0 = NET_LOAD16(bp + k0), b1 = NET_LOAD16(bp + k0 + 16);
+    for (int t = 0; t < NET_TILE; t++) a[t] = b0, b[t] = b1;
+    for (Py_ssize_t s = 0; s < c->kh * c->kw; s++) {
+        const float *xt = xr + offs[s];
+        net_v16 w0 = NET_LOAD16(wt + s * cop + k0), w1 = NET_LOAD16(wt + s * cop + k0 + 16);
+        for (int t = 0; t < NET_TILE; t++) {
+            float v = xt[t];
+            a[t] += v * w0;
+            b[t] += v * w1;
+        }
+    }
+    for (int t = 0; t < NET_TILE; t++) {
+        net_v16 u = a[t], v = b[t];
+        if (relu) NET_RELU16(u), NET_RELU16(v);
+        memcpy(y + t * c->C_out + k0, &u, sizeof u);
+        memcpy(y + t * c->C_out + k0 + 16, &v, sizeof v);
     }
 }
 
@@ -131,8 +155,11 @@ static void net_conv_hwc(const conv_t *c, const float *x, const float *wt, const
         for (Py_ssize_t ow = 0; ow < c->OW; ow += NET_TILE) {
             Py_ssize_t n = c->OW - ow < NET_TILE ? c->OW - ow : NET_TILE;
             const float *xr = in + (oh * c->sh * Wp + ow * c->sw) * c->C;
-            for (Py_ssize_t k0 = 0; k0 < c->C_out; k0 += 16)
-                net_conv_tile(c, xr, offs, wt, cop, k0, bp, relu, n, y + (oh * c->OW + ow) * c->C_out);
+            Py_ssize_t k0 = 0;
+            float *yt = y + (oh * c->OW + ow) * c->C_out;
+            if (n == NET_TILE && c->C == 1 && c->sw == 1) /* a first layer: 32 channels per pass */
+                for (; k0 + 32 <= c->C_out; k0 += 32) net_conv_tile_c1x32(c, xr, offs, wt, cop, k0, bp, relu, yt);
+            for (; k0 < c->C_out; k0 += 16) net_conv_tile(c, xr, offs, wt, cop, k0, bp, relu, n, yt);
         }
     if (offs != offs_local) free(offs);
 }
