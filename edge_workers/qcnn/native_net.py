@@ -175,7 +175,7 @@ def _pq_shape(layer, sizes) -> tuple[int, ...]:
 class NativeNet:
     """A planned graph on the C net: ``run(x)`` x float32 [N, *input_dims] -> float32 [N, *out_shape].
 
-    threads > 1: a batch is split in two halves, the second run by the C code's helper thread.
+    threads > 1: the caller and the C code's helper thread take a batch's samples one by one.
     """
 
     def __init__(self, layers: list, out_shape: tuple[int, ...], threads: int = 1, path: str = ""):
@@ -200,7 +200,7 @@ class NativeNet:
         return np.median(np.asarray(runs, np.float64), axis=0) / 1e3 / max(1, len(x))
 
     def _run(self, x: np.ndarray, y: np.ndarray) -> None:
-        # threads > 1: the C code runs half the batch on its own helper thread, which spins between calls (a
+        # threads > 1: the C code shares the batch with its own helper thread, which spins between calls (a
         # Python pool thread sleeps, and waking it cost as much as the split saved on this VM).
         self._mod.net_run(self._net, x, y, len(x), self.path, min(self.threads, 2))
 

@@ -29,8 +29,8 @@ shared 2-core host, float onnxruntime in the same process for scale): batch 1 0.
 3.8). In extensions mode the PQ op bodies are ~20% of the time and the conversion the rest,
 far outside the 1.5x that would justify the simpler single session.
 
-Threads: sub-sessions get `threads` intra-op threads; the native net runs the second half of a batch on a
-C helper thread that spins between calls (``native/net.h``), the native kernels of segments mode split a
+Threads: sub-sessions get `threads` intra-op threads; the native net shares a batch with a C helper
+thread that spins between calls (``native/net.h``), the native kernels of segments mode split a
 batch over `threads` Python threads (the C code releases the GIL), numba kernels run their prange
 versions over samples. Sub-sessions do not spin (their workers would take the cores the
 kernels run on next), which costs wake-up time at batch 1; numba's OpenMP layer spins in its barriers by default,

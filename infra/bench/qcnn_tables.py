@@ -172,9 +172,9 @@ def bench_notes(cfg, cases: list, settings: str, native: str, segments: str, nat
         "lookup tables quantized to 8 bits per sample, SIMD byte shuffles, 16-bit accumulators), the whole graph "
         "as one native net (edge_workers/qcnn/native_net.py: the float conv, ReLU, pooling and FC layers in C "
         f"too, one call per batch); {segments} runs the same PQ kernels with the layers between them as "
-        "onnxruntime sessions (the runtime's segments mode). With 2 threads the native rows split a batch in "
-        "two halves (the net: the second half on a C helper thread that spins between calls; segments: a "
-        "Python thread).",
+        "onnxruntime sessions (the runtime's segments mode). With 2 threads the native rows split a batch: "
+        "the net's caller and a C helper thread that spins between calls take samples one by one from a "
+        "shared counter; segments: two halves, the second on a Python thread.",
         "int8 QDQ = onnxruntime.quantization.quantize_static after quant_pre_process: QDQ format, per-channel "
         "int8 weights, uint8 activations, MinMax calibration, reduce_range on CPUs without VNNI "
         "(onnxruntime's CPU guidance).",
