@@ -187,9 +187,12 @@ class Subscriber:
                     break
         return batch
 
-    def publish(self, topic: str, payload: bytes):  # -> paho MQTTMessageInfo
-        """Publish at the configured QoS on this subscriber's connection (paho queues it; any thread)."""
+    def publish(self, topic: str, payload: bytes, ack: list[Received] | tuple = ()):  # -> paho MQTTMessageInfo
+        """Publish at the configured QoS on this subscriber's connection (paho queues it; any thread), then
+        acknowledge the frames `ack`: their PUBACKs leave after this message, on the same connection."""
         self._last_publish = self._client.publish(topic, payload, qos=self.mqtt_cfg.qos)
+        for msg in ack:
+            self.ack(msg)
         return self._last_publish
 
     def unsubscribe(self, timeout: float = 5.0) -> bool:
@@ -239,36 +242,44 @@ class DrivenSubscriber(Subscriber):
     (issue 7, edge actors at 916 frames/s: p99 39-87 ms with paho's thread,
     28-42 ms driven). Every call must come from that one thread; leave the
     subscription with `request_unsubscribe()` and keep calling `get_batch()`
-    until `unsubscribed`.
+    until `unsubscribed`. Inside `hold_writes()` results and acks wait in
+    paho's queues and leave together when the block ends.
 
-    The socket is read in chunks and split into packets by the DrivenLoop,
-    which hands PUBLISH packets straight to `_on_publish`; acks are written
-    as raw PUBACK packets, and inside `hold_writes()` results and acks leave
-    with one `send` (issue 7: paho's per-packet handling was 40 % of an edge
-    actor's time at saturation).
+    With manual_ack, results go out on a second connection (client id
+    `<client_id>-results`, clean session), and `publish(..., ack=msgs)`
+    acknowledges `msgs` once the broker acknowledged the result: a frame is
+    acked only when the broker holds its answer. Why a second connection:
+    paho's `loop_read` reads as many packets per call as the client has
+    publishes awaiting their PUBACK, and the PUBACKs of results published on
+    the frames' connection queue behind the frames the broker already sent, so
+    under overload one call could read thousands of frames. With nothing
+    published on it, each call on the frames' connection reads one packet.
 
-    Flow control at QoS 1 with manual_ack: packets are taken from the read
-    buffer only while the queue has room, and the socket is not read while it
-    is full, so TCP pushes back on the broker and the queue never holds more
-    than `max_queue` (plus at most one read chunk, unparsed, in the reader's
-    buffer). QoS 0 is always read and sheds the oldest queued frame, as in
-    Subscriber.
+    Flow control at QoS 1 with manual_ack: a packet is read only while the
+    queue has room; otherwise input stays in the socket, TCP pushes back on
+    the broker, and the queue never holds more than `max_queue`. QoS 0 is
+    always read and sheds the oldest queued frame, as in Subscriber.
     """
 
     POLL_MORE = 4  # after a read that handled packets, read again (without waiting) at most this often
+    RESULTS_POLL_S = 1.0  # the results connection is polled at least this often (keepalive) when idle
+    ACK_BATCH, ACK_DELAY_S = 64, 0.02  # released acks are written once this many wait, or the oldest this long
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, mqtt_cfg: mqttlib.MqttConfig, client_id: str, *args, **kwargs) -> None:
+        super().__init__(mqtt_cfg, client_id, *args, **kwargs)
+        self.client_id = client_id
         self.max_queue = self.queue.maxsize
         self.queue = DropOldestQueue()  # unbounded: the reader keeps QoS 1 within max_queue, QoS 0 evicts here
         self._loop: mqttlib.DrivenLoop | None = None
+        self._out: mqttlib.DrivenLoop | None = None  # the results connection (manual_ack only)
+        self._out_polled = 0.0
+        self._ack_after: dict[int, list[Received]] = {}  # result mid -> frames acked once the broker has it
+        self._ack_due: list[Received] = []  # released by their results' PUBACKs, not written yet
+        self._ack_due_since = 0.0
 
-    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        self._on_publish(message.topic, message.payload, message.mid, message.qos)
-
-    def _on_publish(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        """An incoming PUBLISH, parsed by the DrivenLoop (or by paho, through `_on_message`). Without manual
-        ack, the DrivenLoop (or paho) has acknowledged it on arrival."""
+    def _take(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+        """An incoming PUBLISH (from paho's on_message, through the DrivenLoop). Without manual ack, paho has
+        acknowledged it on arrival."""
         held = self.manual_ack and qos > 0
         msg = Received(topic, payload, time.time_ns(), mid, qos, self.connects, acked=not held)
         if not held and self.queue.qsize() >= self.max_queue:
@@ -277,41 +288,91 @@ class DrivenSubscriber(Subscriber):
         self.queue.put_nowait(msg)
 
     def start(self) -> "DrivenSubscriber":
-        """Set the session up; the connection is made by the first `get_batch`."""
-        self._loop = mqttlib.DrivenLoop(self._client, self.mqtt_cfg, on_publish=self._on_publish,
-                                        auto_ack=not self.manual_ack)
+        """Set the session(s) up; the connections are made by the first `get_batch`."""
+        self._loop = mqttlib.DrivenLoop(self._client, self.mqtt_cfg, on_message=self._take,
+                                        hold_while_reading=not self.manual_ack)
+        if self.manual_ack:
+            out = mqttlib.make_client(self.mqtt_cfg, f"{self.client_id}-results")
+            out.max_inflight_messages_set(0)  # a result is never held back behind paho's window
+            self._out = mqttlib.DrivenLoop(out, self.mqtt_cfg, on_ack=self._result_acked, hold_while_reading=False)
         return self
 
-    def hold_writes(self):  # -> context manager
-        """Collect results and acks written in the block and send them with one call when it ends."""
+    def _result_acked(self, mid: int) -> None:
+        """The broker acknowledged result `mid`: the frames it answers may be acknowledged (`_write_acks`)."""
+        msgs = self._ack_after.pop(mid, None)
+        if msgs:
+            if not self._ack_due:
+                self._ack_due_since = time.monotonic()
+            self._ack_due.extend(msgs)
+
+    def _write_acks(self, force: bool = False) -> None:
+        """Write the released acks together: at most every ACK_DELAY_S or ACK_BATCH acks (a PUBACK is not on
+        any answer's path; each write costs a TCP segment the broker has to take in), or when `force`d."""
+        due = self._ack_due
+        if due and (force or len(due) >= self.ACK_BATCH or time.monotonic() - self._ack_due_since >= self.ACK_DELAY_S):
+            self._ack_due = []
+            with self._loop.hold_writes():
+                for msg in due:
+                    self.ack(msg)
+
+    @contextlib.contextmanager
+    def hold_writes(self):
+        """Keep results and acks written in the block in paho's queues and send them together when it ends."""
         if self._loop is None:
             raise RuntimeError("DrivenSubscriber not started, or stopped")
-        return self._loop.hold_writes()
+        with self._loop.hold_writes(), (self._out.hold_writes() if self._out else contextlib.nullcontext()):
+            yield
 
-    def ack(self, msg: Received) -> None:
-        """As Subscriber.ack, writing the PUBACK itself (4 bytes after whatever was written before it, e.g. the
-        frame's result) instead of through paho's packet queue."""
-        if msg.acked:
-            return
-        msg.acked = True
-        if msg.connection != self.connects or self._loop is None:
-            return
-        self._loop.puback(msg.mid)
-        self.acks += 1
+    def publish(self, topic: str, payload: bytes, ack: list[Received] | tuple = ()):  # -> paho MQTTMessageInfo
+        """Publish at the configured QoS (written now, or when `hold_writes()` ends); acknowledge the frames
+        `ack` once the broker acknowledged this message (QoS 0: once it was written)."""
+        if self._loop is None:
+            raise RuntimeError("DrivenSubscriber not started, or stopped")
+        loop = self._out or self._loop
+        info = self._last_publish = loop.publish(topic, payload, self.mqtt_cfg.qos)
+        if ack:
+            if self.mqtt_cfg.qos == 0 or self._out is None:
+                for msg in ack:
+                    self.ack(msg)
+            elif info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_CONN_LOST):
+                self._ack_after.setdefault(info.mid, []).extend(ack)  # paho keeps it until its PUBACK
+        return info
 
     def _may_read(self) -> bool:
         return not self.manual_ack or self.mqtt_cfg.qos == 0 or self.queue.qsize() < self.max_queue
 
+    def _poll_results(self, readable: bool = False) -> None:
+        """The results connection: read its PUBACKs when `readable`, connect, keepalive (at most every
+        RESULTS_POLL_S otherwise); write the acks the PUBACKs released when due."""
+        out = self._out
+        now = time.monotonic()
+        if readable or now - self._out_polled >= self.RESULTS_POLL_S or not out.client.is_connected():
+            self._out_polled = now
+            out.poll(0.0)
+        self._write_acks()
+
     def poll(self, timeout: float) -> None:
         """MQTT I/O: wait up to `timeout` s for input, then read everything the socket holds, while there is
-        room for it."""
+        room for it (a PUBACK on the results connection ends the wait too, and is read)."""
         if self._loop is None:
             raise RuntimeError("DrivenSubscriber not started, or stopped")
-        if not self._loop.poll(timeout, room=self._may_read):
+        wake, out = None, self._out
+        if out is not None:
+            self._poll_results()
+            if out.unacked:
+                wake = out.client.socket()
+            if self._ack_due:  # wake in time to write them
+                timeout = min(timeout, max(0.0, self._ack_due_since + self.ACK_DELAY_S - time.monotonic()))
+        handled = self._loop.poll(timeout, room=self._may_read, wake=wake)
+        if self._loop.woke:
+            self._poll_results(readable=True)
+        if not handled:
             return
         for _ in range(self.POLL_MORE):  # bounded: a flood faster than this loop cannot keep it here
-            if not (self._may_read() and self._loop.poll(0.0, room=self._may_read)):
+            if not (self._may_read() and self._loop.poll(0.0, room=self._may_read, wake=wake)):
                 return
+            if self._loop.woke:
+                self._poll_results(readable=True)
 
     def get_batch(self, max_items: int, max_wait_s: float, linger_s: float = 0.0) -> list[Received]:
         """As Subscriber.get_batch, reading the socket meanwhile."""
@@ -328,24 +389,30 @@ class DrivenSubscriber(Subscriber):
         return [self.queue.get_nowait() for _ in range(min(max_items, self.queue.qsize()))]
 
     def stop(self) -> None:
-        """Disconnect: paho writes the DISCONNECT at once (no loop thread runs); no reconnect follows."""
+        """Disconnect: paho writes the DISCONNECTs at once (no loop thread runs); no reconnect follows."""
         if self._loop is not None:
-            self._loop.flush()  # whatever is still buffered goes out before the DISCONNECT
+            self._loop.flush()  # whatever is still queued goes out before the DISCONNECT
+        if self._out is not None:
+            self._out.flush()
+            self._out.client.disconnect()
         self._client.disconnect()
-        self._loop = None
+        self._loop = self._out = None
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Run the I/O until the last result published here was acknowledged by the broker (QoS 1) or sent."""
+        """Run the I/O until the last result published here was acknowledged by the broker (QoS 1) or sent, and
+        the acks it releases were written."""
         info, deadline = self._last_publish, time.monotonic() + timeout
         if info is None:
             return True
         try:
-            while not info.is_published() or (self._loop is not None and self._loop.unsent):
+            while not info.is_published() or self._ack_after or self._ack_due or (
+                    self._loop is not None and self._loop.unsent):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     logger.warning("results not flushed within %.1fs", timeout)
                     return False
                 self.poll(min(0.05, left))
+                self._write_acks(force=True)
         except (RuntimeError, ValueError) as err:  # written while the connection was down, or dropped
             logger.warning("results not flushed: %s", err)
             return False

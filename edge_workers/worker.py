@@ -7,8 +7,8 @@ sends uncertain frames to a cloud worker without waiting, and finishes cloud ans
 come back (or times them out, answering with the edge's own prediction marked degraded).
 
 At-least-once: the actor's MQTT session is persistent under a stable client id
-(`<group>-<namespace>-<index>`) and QoS 1 frames are acknowledged only after their result was
-handed to paho (docs/reliability.md). A crashed actor, restarted by Ray with the
+(`<group>-<namespace>-<index>`) and QoS 1 frames are acknowledged only after the broker acknowledged
+the message holding their result (docs/reliability.md). A crashed actor, restarted by Ray with the
 same arguments, resumes the session and gets its unacknowledged frames again.
 """
 
@@ -339,7 +339,7 @@ class EdgeWorker:
     def _publish(self, frames: list[Frame], msgs: list[Received], classes, conf, tier: str,
                  degraded: bool = False) -> None:
         """Publish one result message per device of the group (its results in frame order, see
-        `results.encode_many`), then acknowledge that device's frames (after their results, on the same socket).
+        `results.encode_many`); that device's frames are acknowledged once the broker has the message.
 
         Counters are updated once per batch and the latency histogram's child is looked up once: a label
         lookup takes a lock and a dict access, per frame that was wasted on the hot path. One message per
@@ -371,16 +371,14 @@ class EdgeWorker:
         self.counts[f"results.{tier}" + (".degraded" if degraded else "")] += len(frames)
 
     def _publish_device(self, device_id: str, rs: list[results.Result], msgs: list[Received]) -> int:
-        """Publish one device's results (messages of at most MAX_RESULTS_PER_MESSAGE), acking each message's
-        frames right after it was handed to paho. Returns the payload bytes published."""
+        """Publish one device's results (messages of at most MAX_RESULTS_PER_MESSAGE); each message's frames are
+        acknowledged once the broker acknowledged it (DrivenSubscriber.publish). Returns the payload bytes."""
         topic = topics.results(device_id)
         step = results.MAX_RESULTS_PER_MESSAGE
         nbytes = 0
         for i in range(0, len(rs), step):
             payload = results.encode_many(rs[i:i + step])
-            self.sub.publish(topic, payload)
-            for msg in msgs[i:i + step]:
-                self.sub.ack(msg)
+            self.sub.publish(topic, payload, ack=msgs[i:i + step])  # acked once the broker has the result
             nbytes += len(payload)
         return nbytes
 

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 60.0
 MAX_SLEEP_S = 0.05  # longest sleep between two looks at the socket (keepalive, reconnect, results)
+# publish() outcomes after which paho keeps a QoS 1 message and sends it (again) once connected: not connected,
+# or the connection broke while paho wrote it (paho writes at once when no loop thread runs).
+KEPT = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_CONN_LOST)
 
 
 @dataclass
@@ -89,7 +92,7 @@ class Device:
         self.component = f"device.{device_id}"
         self._outbox: collections.deque[tuple[int, bytes]] = collections.deque()  # (seq, wire frame)
         self.resend_after_s = cfg.resend_after_s if getattr(cfg, "topic", "frames") == "frames" else 0.0
-        # seq -> (wire frame, when last published), oldest first; and seqs answered (appended by paho's thread)
+        # seq -> (wire frame, when last published), oldest first; and seqs answered (appended inside poll)
         self._unanswered: collections.OrderedDict[int, tuple[bytes, float]] = collections.OrderedDict()
         self._answers: collections.deque[int] = collections.deque()
         self.bad_results = 0
@@ -101,8 +104,6 @@ class Device:
         self._client = mqttlib.make_client(mqtt_cfg, f"edgeq-{device_id}", status_component=self.component)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
-        self._client.on_publish = self._on_publish
-        self._client.on_message = lambda client, userdata, message: self._on_result(message.payload)
         self._loop: mqttlib.DrivenLoop | None = None
 
     @property
@@ -126,12 +127,13 @@ class Device:
         self._connected = False
         self.stats.disconnects += 1
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+    def _on_ack(self, mid: int) -> None:
+        """The broker acknowledged one of our publishes (QoS 1; QoS 0: it was written)."""
         self._acks += 1
         self._in_flight()  # keeps stats.acked current for readers in other threads (progress lines)
 
     def _on_incoming(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        """A PUBLISH on the results subscription, parsed (and acknowledged) by the DrivenLoop."""
+        """A PUBLISH on the results subscription (paho acknowledges it on arrival)."""
         self._on_result(payload)
 
     def _on_result(self, payload: bytes) -> None:
@@ -145,7 +147,7 @@ class Device:
     def run(self, stop: threading.Event) -> DeviceStats:
         """Publish until `count` frames, `duration_s` or `stop`; then drain the outbox. Blocks: run each
         device in a thread of its own (`publishers.run.run_devices`)."""
-        self._loop = mqttlib.DrivenLoop(self._client, self.mqtt_cfg, on_publish=self._on_incoming)
+        self._loop = mqttlib.DrivenLoop(self._client, self.mqtt_cfg, on_message=self._on_incoming, on_ack=self._on_ack)
         try:
             self._produce_loop(stop)
             self._drain(stop)
@@ -216,10 +218,10 @@ class Device:
         while self._outbox and self._connected and self._in_flight() < self.mqtt_cfg.max_inflight:
             seq, payload = self._outbox.popleft()
             info = self._client.publish(self.topic, payload, qos=self.mqtt_cfg.qos)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            if info.rc not in KEPT:
                 self.stats.dropped[f"paho_{mqtt.error_string(info.rc)}"] += 1
                 continue
-            if info.rc == mqtt.MQTT_ERR_NO_CONN and self.mqtt_cfg.qos == 0:
+            if info.rc != mqtt.MQTT_ERR_SUCCESS and self.mqtt_cfg.qos == 0:
                 self.stats.dropped["disconnected"] += 1  # QoS 0 is not kept by paho
                 continue
             self.stats.sent += 1
@@ -250,7 +252,7 @@ class Device:
         return self._client.publish(topics.status(self.component), state, qos=1, retain=True)
 
     def _in_flight(self) -> int:
-        # Totals, not per-message bookkeeping: no lock is shared with paho's thread.
+        # Totals, not per-message bookkeeping (read by other threads for progress lines).
         in_flight = self.stats.sent + self._control_sent - self._acks
         self.stats.acked = self.stats.sent - max(0, in_flight)
         return in_flight

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -160,157 +160,160 @@ def connect_async(client: mqtt.Client, cfg: MqttConfig) -> None:
     logger.debug("connecting to %s (MQTT %s, persistent=%s)", cfg.address, cfg.protocol, persistent)
 
 
-def _varint(buf: bytes | bytearray, i: int, end: int) -> tuple[int, int] | None:
-    """MQTT variable byte integer at buf[i:end] (1-4 bytes, 7 bits each, least significant first):
-    (value, index after it), or None when it runs past `end`. Raises MalformedPacket beyond 4 bytes."""
-    value, shift = 0, 0
-    while i < end:
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if not byte & 0x80:
-            return value, i
-        shift += 7
-        if shift > 21:
-            raise MalformedPacket("variable byte integer longer than 4 bytes")
-    return None
+def _set_tcp_option(sock, name: str, value: int) -> None:
+    """setsockopt(IPPROTO_TCP, socket.<name>, value) where the platform has it (TCP_CORK is Linux only)."""
+    option = getattr(socket, name, None)
+    if option is None or sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class DrivenLoop:
-    """paho's network loop run by the caller's own thread instead of `loop_start()`'s, with buffered I/O.
+    """paho's network loop run by the caller's own thread instead of `loop_start()`'s, through paho's
+    documented external-loop API only: `socket()`, `loop_read()`, `loop_write()`, `want_write()`,
+    `loop_misc()`, `reconnect()`, the `on_socket_register_write` hook, callbacks.
 
-    Why: in a process whose consumer thread is busy with Python code, paho's
-    network thread needs the GIL for every socket call (a frame takes four
-    `recv` calls), and each time it may wait up to a switch interval (5 ms)
-    for it, with every publish and ack from the consumer waking it on top
-    (issue 7). Driven from the consumer thread, reads happen when the consumer
-    asks for input, and `publish`/`ack` write to the socket directly.
+    Why the caller's thread (issue 7): in a process whose consumer thread is busy with
+    Python code, paho's network thread needs the GIL for every socket call, and each time
+    it may wait up to a switch interval (5 ms) for it, with every publish and ack from
+    the consumer waking it on top. Driven from the consumer thread, reads happen when the
+    consumer asks for input (`poll`), and publishes and acks are written by that thread.
 
-    Buffered I/O (issue 7, edge actor at saturation: paho's per-packet reads and
-    PUBLISH handling were 40 % of its time): the socket is read in chunks of up to
-    READ_CHUNK bytes and split into packets here. With `on_publish` set, an
-    incoming QoS 0/1 PUBLISH is parsed here and handed to it as (topic, payload,
-    mid, qos), without paho's message objects (with `auto_ack`, a QoS 1 one is
-    acknowledged first; otherwise the caller acks it with `puback`); every other packet (CONNACK,
-    SUBACK, PUBACK of our own publishes, PINGRESP, ...) goes to paho's own handler,
-    so paho's session state stays paho's. Writes go through `write()` (paho's
-    packets too): inside `hold_writes()` they are collected and sent with one
-    `send` when it ends; bytes still unsent are sent by later polls, and are
-    discarded if their connection is gone (never sent on a newer one).
+    Reading: `poll` waits on `socket()` with select, then calls `loop_read` until a call
+    handled no message or acknowledgement (paho 2.x reads up to max(1, own QoS>0 publishes
+    not yet acknowledged) packets per call whatever `max_packets` says, so one call may
+    handle several), while `room()`. Incoming PUBLISHes reach `on_message(topic, payload,
+    mid, qos)`; with the client's `manual_ack_set(True)` the caller acknowledges them with
+    `client.ack(mid, qos)`, otherwise paho does on arrival. `on_ack(mid)` is called for each
+    of our publishes the broker acknowledged (QoS 1; QoS 0: once written).
 
-    Every call to the client must come from the driving thread. Reconnects
-    after a lost connection with the same exponential backoff as paho's loop
-    (`reconnect_min_s` .. `reconnect_max_s`); callbacks (`on_connect`, ...) run
-    inside `poll`. Uses paho 2.x internals (`_packet_handle`, `_in_packet`,
-    `_sock_send`, `_loop_rc_handle`); pyproject pins paho < 3.
+    Writing: outside `hold_writes()` paho writes each packet when it is made. Inside it (and
+    while `poll` reads, unless `hold_while_reading` is off: the acks paho makes on arrival),
+    packets wait in paho's queue (the `on_socket_register_write` hook tells paho an
+    external loop writes) and leave when the block ends, corked (TCP_CORK) so a batch's
+    results and acks go out as one segment. The socket has TCP_NODELAY: small packets
+    (acks) never wait for Nagle's algorithm.
+
+    Every call to the client must come from the driving thread. Reconnects after a lost
+    connection with the same exponential backoff as paho's loop (`reconnect_min_s` ..
+    `reconnect_max_s`); callbacks (`on_connect`, ...) run inside `poll`.
     """
 
-    READ_CHUNK = 65536
+    MAX_READ_CALLS = 256  # loop_read calls per poll (bounded: a flood cannot keep a poll here)
 
     def __init__(self, client: mqtt.Client, cfg: MqttConfig,
-                 on_publish: Callable[[str, bytes, int, int], None] | None = None, auto_ack: bool = True) -> None:
-        self.client, self.cfg, self.on_publish, self.auto_ack = client, cfg, on_publish, auto_ack
+                 on_message: Callable[[str, bytes, int, int], None] | None = None,
+                 on_ack: Callable[[int], None] | None = None, hold_while_reading: bool = True) -> None:
+        self.client, self.cfg, self.on_message, self.on_ack = client, cfg, on_message, on_ack
+        self.hold_while_reading = hold_while_reading
         connect_async(client, cfg)
         self._retry_at = 0.0  # monotonic time of the next connection attempt
         self._delay = 0.0     # the last backoff; 0 once connected
-        self._in = bytearray()           # bytes read, not yet handled (whole packets are handled at once)
-        self._out = bytearray()          # bytes to send on `_out_sock`
-        self._out_sock = None
         self._hold = 0
-        self._v5 = cfg.protocol == "5"
-        client._sock_send = self._sock_send  # paho writes every packet through this (instance attribute)
+        self.woke = False     # the last poll's wait ended on its `wake` socket
+        self.handled = 0      # messages and acknowledgements handled so far (the progress of a read)
+        self._unacked: set[int] = set()  # mids of our QoS>0 publishes (through `publish`) awaiting their ack
+        client.on_message = self._message
+        client.on_publish = self._published
+
+    # ------------------------------------------------------------ callbacks (inside loop_read)
+
+    def _message(self, client, userdata, message) -> None:  # noqa: ANN001
+        self.handled += 1
+        if self.on_message is None:
+            return
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # Mosquitto refuses such topics; never raise inside paho's read
+            topic = ""
+        try:
+            self.on_message(topic, message.payload, message.mid, message.qos)
+        except Exception:  # an exception would leave paho's read in the middle of a packet
+            logger.exception("message handler failed on %s", topic)
+
+    def _published(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+        self.handled += 1
+        self._unacked.discard(mid)
+        if self.on_ack is not None:
+            self.on_ack(mid)
 
     # ------------------------------------------------------------ writing
 
-    def write(self, data: bytes) -> None:
-        """Send raw MQTT bytes on the current connection (after everything written before); nothing when
-        not connected."""
-        sock = self.client.socket()
-        if sock is None:
-            return
-        if sock is not self._out_sock:  # a new connection: what was left for the old one is void
-            self._out.clear()
-            self._out_sock = sock
-        self._out += data
-        if not self._hold:
-            self.flush()
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """`client.publish`, keeping count of our publishes awaiting their ack (`unacked`)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_CONN_LOST):
+            self._unacked.add(info.mid)
+        return info
 
-    def puback(self, mid: int) -> None:
-        """Acknowledge the QoS 1 message `mid` (a 4-byte PUBACK, after everything written before it)."""
-        self.write(bytes((0x40, 2, mid >> 8, mid & 0xFF)))
-
-    def _sock_send(self, buf) -> int:  # paho's Client._sock_send, buffered
-        self.write(buf)
-        return len(buf)
+    @property
+    def unacked(self) -> int:
+        """Our QoS>0 publishes (made through `publish`) the broker has not acknowledged yet."""
+        return len(self._unacked)
 
     @contextlib.contextmanager
     def hold_writes(self):
-        """Collect writes (publishes, acks) until the block ends, then send them with one call."""
+        """Keep what is published or acked in the block in paho's queue; send it, corked, when the block ends."""
         self._hold += 1
+        if self._hold == 1:
+            self.client.on_socket_register_write = _queued
         try:
             yield
         finally:
             self._hold -= 1
             if not self._hold:
+                self.client.on_socket_register_write = None
                 self.flush()
 
     def flush(self) -> None:
-        """Send what is buffered without blocking; keep the rest for the next poll."""
-        sock = self._out_sock
-        if not self._out or sock is None:
+        """Write what paho has queued, without blocking (what the socket does not take waits for a poll)."""
+        client = self.client
+        if not client.want_write():
             return
-        if sock is not self.client.socket():
-            self._out.clear()
-            return
+        sock = client.socket()
+        _set_tcp_option(sock, "TCP_CORK", 1)
         try:
-            sent = sock.send(self._out)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except OSError as err:  # the connection is gone: the next poll reads EOF and reconnects
-            logger.debug("send failed: %s", err)
-            self._out.clear()
-            return
-        del self._out[:sent]
-        with self.client._msgtime_mutex:
-            self.client._last_msg_out = mqtt.time_func()
+            client.loop_write()  # on a lost connection paho closes it (and calls on_disconnect)
+        finally:
+            _set_tcp_option(client.socket(), "TCP_CORK", 0)
 
     @property
-    def unsent(self) -> int:
-        """Bytes written but not yet accepted by the socket."""
-        return len(self._out) if self._out_sock is not None and self._out_sock is self.client.socket() else 0
+    def unsent(self) -> bool:
+        """paho holds packets the socket has not taken yet."""
+        return self.client.want_write()
 
     # ------------------------------------------------------------ reading
 
-    def poll(self, timeout: float, read: bool = True, room: Callable[[], bool] | None = None) -> bool:
-        """Connect if due, send what is buffered, wait up to `timeout` s for input, read what arrived and
-        handle its whole packets while `room()` (default: always), send keepalives. `read=False` (or no
-        room) leaves input in the socket (TCP then pushes back on the broker). Returns whether it handled
-        a packet."""
+    def poll(self, timeout: float, room: Callable[[], bool] | None = None, wake=None) -> bool:
+        """Connect if due, send what is queued, wait up to `timeout` s for input and read it while `room()`
+        (default: always; no room leaves input in the socket, and TCP then pushes back on the broker), send
+        keepalives. Input on `wake` (another socket) ends the wait too, unread (`woke` tells). Returns whether it
+        handled a message or an acknowledgement."""
         client = self.client
+        self.woke = False
         sock = client.socket()
         if sock is None or sock.fileno() < 0:
             sock = self._connect(timeout)
             if sock is None:
                 return False
-        if client.want_write():
-            client.loop_write()  # paho's queue (e.g. a subscribe from a callback) -> our buffer
         self.flush()
-        room = room or (lambda: True)
-        handled = False
-        if read and self._in and room() and self._handle(room):
-            handled, timeout = True, 0.0  # buffered packets: handled; look at the socket without waiting
-        # Read only with room left after the buffered packets: the buffer then holds at most one partial
-        # packet, so it never grows past that packet plus one chunk.
-        read = read and room()
+        read = room is None or room()
         pending = read and hasattr(sock, "pending") and sock.pending()  # TLS: already decrypted bytes
         try:
-            readable, writable, _ = select.select([sock] if read else [], [sock] if self.unsent else [],
-                                                  [], 0.0 if pending else timeout)
+            readable, writable, _ = select.select(([sock] if read else []) + ([wake] if wake is not None else []),
+                                                  [sock] if client.want_write() else [], [], 0.0 if pending else timeout)
         except (OSError, ValueError):  # the socket was closed under us: reconnect on the next call
             sock.close()
             return False
-        if (readable or pending) and self._fill(sock):
-            handled = self._handle(room) or handled
+        self.woke = wake is not None and wake in readable
+        if not (pending or sock in readable):
+            handled = False
+        elif self.hold_while_reading:
+            with self.hold_writes():  # acks paho makes while reading (no manual ack) leave together after it
+                handled = self._read(room)
+        else:
+            handled = self._read(room)
         if writable:
             self.flush()
         if client.socket() is not None:
@@ -319,95 +322,26 @@ class DrivenLoop:
             self._delay = 0.0
         return handled
 
-    def _fill(self, sock) -> bool:
-        """One `recv` into the input buffer. False on nothing read (or a lost connection, handled)."""
-        try:
-            data = sock.recv(self.READ_CHUNK)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return False
-        except OSError as err:
-            logger.debug("receive failed: %s", err)
-            data = b""
-        if not data:
-            self._lost(mqtt.MQTT_ERR_CONN_LOST)
-            return False
-        self._in += data
-        with self.client._msgtime_mutex:
-            self.client._last_bytes_received = mqtt.time_func()
-        return True
-
-    def _lost(self, rc) -> None:
-        self._in.clear()
-        self._out.clear()
-        self.client._loop_rc_handle(rc)
-
-    def _handle(self, room: Callable[[], bool]) -> bool:
-        """Handle the whole packets at the start of the input buffer while `room()`. Returns whether any was."""
-        buf, pos, end, handled = self._in, 0, len(self._in), False
-        try:
-            while pos < end and room():
-                # fixed header: command byte, remaining length
-                header = _varint(buf, pos + 1, end)
-                if header is None:
-                    return handled
-                length, i = header
-                if i + length > end:
-                    return handled
-                command, body = buf[pos], bytes(buf[i:i + length])
-                pos = i + length
-                handled = True
-                if command & 0xF0 == mqtt.PUBLISH and self.on_publish is not None and not command & 0x04:
-                    self._publish_in(command, body)
-                elif not self._paho_handle(command, body):
-                    return handled
-            return handled
-        except MalformedPacket as err:
-            logger.warning("malformed packet from the broker (%s): reconnecting", err)
-            pos = 0
-            self._lost(mqtt.MQTT_ERR_PROTOCOL)
-            return handled
-        finally:
-            del buf[:pos]
-
-    def _publish_in(self, command: int, body: bytes) -> None:
-        """An incoming QoS 0/1 PUBLISH: topic, packet id (QoS 1), MQTT 5 properties (skipped), payload."""
-        qos = (command >> 1) & 3
-        if len(body) < 2:
-            raise MalformedPacket("PUBLISH without a topic")
-        j = 2 + ((body[0] << 8) | body[1])
-        topic = body[2:j].decode("utf-8", "replace")
-        mid = 0
-        if qos:
-            mid = (body[j] << 8) | body[j + 1] if j + 2 <= len(body) else -1
-            j += 2
-        if self._v5:
-            props = _varint(body, j, len(body))
-            if props is None:
-                raise MalformedPacket("PUBLISH ends inside its properties length")
-            n, j = props
-            j += n
-        if j > len(body) or mid < 0:
-            raise MalformedPacket("PUBLISH shorter than its header")
-        if qos and self.auto_ack:
-            self.puback(mid)
-        self.on_publish(topic, body[j:], mid, qos)
-
-    def _paho_handle(self, command: int, body: bytes) -> bool:
-        """One packet through paho's handler (as its `_packet_read` would). False if the connection was lost."""
-        client = self.client
-        client._in_packet = {"command": command, "have_remaining": 1, "remaining_count": [], "remaining_mult": 1,
-                             "remaining_length": len(body), "packet": bytearray(body), "to_process": 0, "pos": 0}
-        try:
-            rc = client._packet_handle()
-        except MalformedPacket:
-            rc = mqtt.MQTT_ERR_PROTOCOL
-        finally:
-            client._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
-                                 "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
-        if rc > 0:
-            self._lost(rc)
-            return False
-        return client.socket() is not None
+    def _read(self, room: Callable[[], bool] | None) -> bool:
+        """`loop_read` until the socket is drained (a call handled fewer messages and acks than it may read, or
+        none: it holds part of a packet, or nothing), the connection is lost, or no `room()`. Returns whether
+        anything was handled."""
+        client, handled = self.client, False
+        for _ in range(self.MAX_READ_CALLS):
+            before, most = self.handled, max(1, len(self._unacked))  # paho 2.x reads at most this many here
+            try:
+                rc = client.loop_read(most)
+            except Exception as err:  # paho's decoder raised on a malformed packet (struct.error, ...)
+                logger.warning("malformed packet from the broker (%s: %s): reconnecting", type(err).__name__, err)
+                client.socket().close()  # the next poll reconnects, with backoff (reconnect() resets paho's reader)
+                return handled
+            n = self.handled - before
+            handled = handled or n > 0
+            if n < most or rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+                return handled  # drained, or paho closed the connection (and called on_disconnect)
+            if room is not None and not room():
+                return handled
+        return handled
 
     def _connect(self, timeout: float):  # -> the new socket or None
         now = time.monotonic()
@@ -417,10 +351,15 @@ class DrivenLoop:
         # The next attempt waits this long unless this connection gets its CONNACK (a refused one backs off too).
         self._delay = min(max(2 * self._delay, self.cfg.reconnect_min_s), self.cfg.reconnect_max_s)
         self._retry_at = now + self._delay
-        self._in.clear()
         try:
             self.client.reconnect()  # blocking TCP (and TLS) connect; the CONNACK is read by a later poll
         except OSError as err:
             logger.debug("connecting to %s failed (%s); next try in %.2fs", self.cfg.address, err, self._delay)
             return None
-        return self.client.socket()
+        sock = self.client.socket()
+        _set_tcp_option(sock, "TCP_NODELAY", 1)
+        return sock
+
+
+def _queued(client, userdata, sock) -> None:  # noqa: ANN001
+    """on_socket_register_write while writes are held: paho queues packets, DrivenLoop.flush writes them."""
