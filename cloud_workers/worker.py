@@ -2,9 +2,10 @@
 
 One model per uplink codec family: the cloud CNN for frame codecs (`raw`,
 `denoised`), the MLP on PCA coefficients for `pca-f16` / `pca-int8`. Edge
-workers call `infer(codec, codes, n)` with a timeout; the actor is named
-`edgeq-cloud-<i>` in the Ray namespace so edge workers started by another
-process (``edgeq edge``) find it.
+workers call `infer(codec, codes, n)` with a timeout, or `infer_and_answer`, with
+which the actor publishes the results to the devices itself through its own MQTT
+client (cloud_workers.publisher); the actor is named `edgeq-cloud-<i>` in the Ray
+namespace so edge workers started by another process (``edgeq edge``) find it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 from cloud_workers import metrics
 from cloud_workers.config import CloudConfig
 from cloud_workers.learning import LearningMixin
+from cloud_workers.publisher import ResultPublisher
+from edge_workers.answers import FrameRef, device_messages
 from edge_workers.codecs import CODECS, FRAME_CODECS, UplinkCodec
 from edge_workers.reduce import PCA_FILE, PCAModel
 from edge_workers.routing import confidence
@@ -27,6 +30,7 @@ from edge_workers.runtime import load_runtime, models_dir
 logger = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "edgeq-cloud-"
+ANSWER_WAIT_S = 1.0  # infer_and_answer waits at most this long for the broker to acknowledge its results
 
 
 class CloudWorker(LearningMixin):
@@ -55,6 +59,7 @@ class CloudWorker(LearningMixin):
             for name in CODECS
         }
         self.counts: collections.Counter[str] = collections.Counter()
+        self._publishers: dict[tuple, ResultPublisher] = {}  # one MQTT client per broker and account
         self._init_learning(pca, frame_shape, cfg.threads)
         self.metrics_port = None
         if serve_metrics:
@@ -103,6 +108,42 @@ class CloudWorker(LearningMixin):
         self.counts["frames"] += n
         self.counts["bytes"] += len(codes)
         return logits.argmax(axis=1).astype(np.int64), confidence(logits)
+
+    def answer_to(self, mqtt_cfg) -> bool:
+        """Open (or reuse) this actor's MQTT client for `mqtt_cfg` (publishers.mqtt.MqttConfig, the edge's) and
+        wait for it to connect; returns whether it did. `infer_and_answer` opens it too, without waiting."""
+        return self._publisher(mqtt_cfg).wait_connected()
+
+    def _publisher(self, mqtt_cfg) -> ResultPublisher:
+        key = (mqtt_cfg.host, mqtt_cfg.port, mqtt_cfg.username, mqtt_cfg.protocol, mqtt_cfg.qos, mqtt_cfg.tls_ca)
+        pub = self._publishers.get(key)
+        if pub is None:
+            pub = self._publishers[key] = ResultPublisher(mqtt_cfg, f"{ACTOR_PREFIX}{self.index}-results")
+        return pub
+
+    def infer_and_answer(self, codec: str, codes: bytes, n: int, frames: list[FrameRef], mqtt_cfg,
+                         answer_by_ns: int):
+        """`infer`, then publish the results to the frames' devices (tier `cloud`), unless it is past
+        `answer_by_ns` (wall clock, ns): the caller answers on its own after that.
+
+        Returns (classes, confidence, published): published = (latency ms of each frame, payload bytes) once
+        the broker acknowledged every result message, so the caller may acknowledge the frames; None when
+        not (not connected, late, no PUBACK before `answer_by_ns`): the caller publishes the answers then.
+        """
+        classes, conf = self.infer(codec, codes, n)
+        if len(frames) != n:
+            raise ValueError(f"{n} frames to answer, {len(frames)} frame references")
+        now_ns = time.time_ns()
+        if now_ns >= answer_by_ns:
+            self.counts["answers_late"] += 1
+            return classes, conf, None
+        messages, latencies = device_messages(frames, classes, conf, "cloud", False, now_ns)
+        wait_s = min(ANSWER_WAIT_S, (answer_by_ns - now_ns) / 1e9)
+        if not self._publisher(mqtt_cfg).publish([(topic, payload) for topic, payload, _ in messages], wait_s):
+            self.counts["answers_not_published"] += 1
+            return classes, conf, None
+        self.counts["answers_published"] += n
+        return classes, conf, (latencies, sum(len(payload) for _, payload, _ in messages))
 
     def stats(self) -> dict:
         return dict(self.counts)

@@ -3,13 +3,16 @@
 The processing thread of an actor does everything on the frames path: it runs the MQTT
 client's I/O itself (edge_workers.ingest.DrivenSubscriber: no paho network thread contends
 for the GIL), micro-batches, decodes, runs the EdgeProcessor, publishes edge answers and acks,
-sends uncertain frames to a cloud worker without waiting, and finishes cloud answers as they
-come back (or times them out, answering with the edge's own prediction marked degraded).
+sends uncertain frames to a cloud worker without waiting, and finishes cloud calls as they
+come back (or times them out, answering with the edge's own prediction marked degraded). A cloud
+worker publishes its answers to the devices itself (`CloudWorker.infer_and_answer`, issue 17):
+only the call's completion comes back, and the edge then acknowledges those frames.
 
 At-least-once: the actor's MQTT session is persistent under a stable client id
 (`<group>-<namespace>-<index>`) and QoS 1 frames are acknowledged only after the broker acknowledged
-the message holding their result (docs/reliability.md). A crashed actor, restarted by Ray with the
-same arguments, resumes the session and gets its unacknowledged frames again.
+the message holding their result, published by this actor or by a cloud actor (docs/reliability.md).
+A crashed actor, restarted by Ray with the same arguments, resumes the session and gets its
+unacknowledged frames again.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_workers import metrics
+from edge_workers.answers import FrameRef, device_messages
 from edge_workers.config import EdgeConfig
 from edge_workers.ingest import DrivenSubscriber, Received, decode_frame
 from edge_workers.learning import TrainingForwarder
 from edge_workers.processor import EdgeProcessor, FrameRejected, frame_pixels
-from publishers import results, topics
+from publishers import topics
 from publishers.errors import FrameDecodeError
 from publishers.mqtt import MqttConfig
 from publishers.wire import Frame
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "edgeq-edge-"
 MAX_PENDING_CLOUD_CALLS = 8  # per actor; beyond this the loop waits for the oldest call
+ANSWER_MARGIN_S = 0.1  # a cloud worker publishes only up to this long (at most half the timeout) before the deadline
 UNSUBACK_WAIT_S = 5.0  # when stopping, drain without the broker's UNSUBACK after this long
 FLUSH_S = 5.0  # when stopping, wait at most this long for the broker to acknowledge the last result
 
@@ -65,10 +70,11 @@ class EdgeWorker:
         # Actor entry: the launcher passes the driver's --log-level in the actor's environment.
         logging.basicConfig(level=os.environ.get("EDGEQ_LOG_LEVEL", "WARNING"),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.cfg, self.index, self.namespace = cfg, index, namespace
+        self.cfg, self.index, self.namespace, self.mqtt_cfg = cfg, index, namespace, mqtt_cfg
         self.processor = EdgeProcessor(cfg)
         self.cloud_names = tuple(cloud_names)
         self._clouds: list = []
+        self._direct: list[bool] = []  # per cloud actor: it publishes its answers itself (infer_and_answer)
         self._next_cloud = 0
         self.counts: collections.Counter[str] = collections.Counter()
         self.pending: collections.deque[PendingCall] = collections.deque()
@@ -164,6 +170,14 @@ class EdgeWorker:
                     "set edge.pca_components to the cloud PCA model's k"
                 )
         self._clouds = handles
+        # Each cloud actor opens its own MQTT client now, so the first calls can already be answered from there;
+        # one that cannot connect is called with `infer`, and the edge publishes its answers.
+        try:
+            self._direct = [bool(ok) for ok in ray.get([h.answer_to.remote(self.mqtt_cfg) for h in handles],
+                                                       timeout=30)]
+        except Exception as err:  # noqa: BLE001 - the edge publishes cloud answers itself then
+            logger.warning("cloud workers cannot publish answers themselves: %s", err)
+            self._direct = [False] * len(handles)
 
     def _submit(self, frames: list[Frame], msgs: list[Received], codes: bytes, classes, conf, attempt: int = 1,
                 after: int | None = None) -> None:
@@ -175,9 +189,16 @@ class EdgeWorker:
             self._next_cloud += 1
         else:
             index = (after + 1) % len(self._clouds)
-        ref = self._clouds[index].infer.remote(self.cfg.codec, codes, len(frames))
-        self.pending.append(PendingCall(ref, frames, msgs, classes, conf, codes,
-                                        time.monotonic() + self.cfg.cloud_timeout_s, index, attempt))
+        timeout = self.cfg.cloud_timeout_s
+        if self._direct[index]:  # the cloud publishes while there is time for its completion to come back before the deadline
+            answer_by = time.time_ns() + int(1e9 * (timeout - min(ANSWER_MARGIN_S, timeout / 2)))
+            refs = [FrameRef(f.device_id, f.seq, f.capture_ns, f.label) for f in frames]
+            ref = self._clouds[index].infer_and_answer.remote(self.cfg.codec, codes, len(frames), refs,
+                                                              self.mqtt_cfg, answer_by)
+        else:
+            ref = self._clouds[index].infer.remote(self.cfg.codec, codes, len(frames))
+        self.pending.append(PendingCall(ref, frames, msgs, classes, conf, codes, time.monotonic() + timeout, index,
+                                        attempt))
         # Bytes count every send (a retry moves them again); frames count once.
         metrics.child(metrics.PAYLOAD_BYTES, "edge_to_cloud").inc(len(codes))
         self.counts["bytes_edge_to_cloud"] += len(codes)
@@ -202,7 +223,7 @@ class EdgeWorker:
                 self._fallback(call, "timeout")
                 continue
             try:
-                classes, conf = ray.get(call.ref)
+                classes, conf, *published = ray.get(call.ref)
                 if len(classes) != len(call.frames) or len(conf) != len(call.frames):
                     raise ValueError(f"cloud answered {len(classes)} frames of {len(call.frames)}")
             except Exception as err:  # a dead or failing cloud actor, or a bad answer: answer at the edge
@@ -212,7 +233,9 @@ class EdgeWorker:
                 continue
             metrics.child(metrics.CLOUD_REQUESTS, "ok").inc()
             self.counts["cloud_ok"] += 1
-            self._publish(call.frames, call.msgs, classes, conf, "cloud")
+            # Published by the cloud actor before it returned: only acknowledge. Otherwise publish here.
+            self._publish(call.frames, call.msgs, classes, conf, "cloud",
+                          published=published[0] if published else None)
 
     def _fallback(self, call: PendingCall, outcome: str) -> None:
         """The cloud did not answer: retry once on the next actor, else answer with the edge's prediction."""
@@ -337,50 +360,39 @@ class EdgeWorker:
                 self._answer_degraded(up_frames, up_msgs, d.classes[up], d.confidences[up])
 
     def _publish(self, frames: list[Frame], msgs: list[Received], classes, conf, tier: str,
-                 degraded: bool = False) -> None:
+                 degraded: bool = False, published: tuple | None = None) -> None:
         """Publish one result message per device of the group (its results in frame order, see
-        `results.encode_many`); that device's frames are acknowledged once the broker has the message.
+        `edge_workers.answers.device_messages`); each message's frames are acknowledged once the broker
+        acknowledged it (DrivenSubscriber.publish). `published` = (latency ms per frame, payload bytes): a cloud
+        actor published these results and the broker acknowledged them, so only acknowledge and count.
 
         Counters are updated once per batch and the latency histogram's child is looked up once: a label
         lookup takes a lock and a dict access, per frame that was wasted on the hot path. One message per
         device instead of per frame saves paho's publish and PUBACK work, the broker's and the consumer's.
         """
-        now_ns = time.time_ns()
+        if published is None:
+            messages, latencies = device_messages(frames, classes, conf, tier, degraded, time.time_ns())
+            nbytes = 0
+            for topic, payload, idx in messages:
+                self.sub.publish(topic, payload, ack=[msgs[i] for i in idx])  # acked once the broker has it
+                nbytes += len(payload)
+        else:
+            latencies, nbytes = published
+            for msg in msgs:
+                self.sub.ack(msg)
+            self.counts["results.published_by_cloud"] += len(frames)
         latency = metrics.child(metrics.E2E_LATENCY, tier)
-        nbytes = 0
         outcomes: collections.Counter[str] = collections.Counter()
-        by_device: dict[str, tuple[list[results.Result], list[Received]]] = {}
-        for frame, msg, cls, c in zip(frames, msgs, classes, conf, strict=True):
-            latency_ms = (now_ns - frame.capture_ns) / 1e6
-            r = results.Result(frame.device_id, frame.seq, int(cls), float(c), tier, degraded, latency_ms, frame.label)
-            group = by_device.get(frame.device_id)
-            if group is None:
-                group = by_device[frame.device_id] = ([], [])
-            group[0].append(r)
-            group[1].append(msg)
+        for frame, cls, latency_ms in zip(frames, classes, latencies, strict=True):
             latency.observe(latency_ms / 1000.0)
             if frame.label is not None:
                 outcomes["correct" if int(cls) == frame.label else "wrong"] += 1
-        for device_id, (rs, ms) in by_device.items():
-            nbytes += self._publish_device(device_id, rs, ms)
         metrics.child(metrics.PAYLOAD_BYTES, "edge_to_device").inc(nbytes)
         for outcome, n in outcomes.items():
             metrics.child(metrics.PREDICTIONS, tier, outcome).inc(n)
             self.counts[f"{tier}.{outcome}"] += n
         metrics.child(metrics.RESULTS, tier, "true" if degraded else "false").inc(len(frames))
         self.counts[f"results.{tier}" + (".degraded" if degraded else "")] += len(frames)
-
-    def _publish_device(self, device_id: str, rs: list[results.Result], msgs: list[Received]) -> int:
-        """Publish one device's results (messages of at most MAX_RESULTS_PER_MESSAGE); each message's frames are
-        acknowledged once the broker acknowledged it (DrivenSubscriber.publish). Returns the payload bytes."""
-        topic = topics.results(device_id)
-        step = results.MAX_RESULTS_PER_MESSAGE
-        nbytes = 0
-        for i in range(0, len(rs), step):
-            payload = results.encode_many(rs[i:i + step])
-            self.sub.publish(topic, payload, ack=msgs[i:i + step])  # acked once the broker has the result
-            nbytes += len(payload)
-        return nbytes
 
 
 def rss_bytes() -> int:

@@ -111,6 +111,13 @@ def test_2000_noisy_frames_from_4_devices_all_answered_by_both_tiers(pipeline: P
     correct = value(m, "edgeq_predictions_total", outcome="correct")
     assert correct == answers.correct
     assert value(m, "edgeq_decode_errors_total") == 0
+    # Cloud-tier answers went straight from the cloud actor to the devices (issue 17), none through the edge.
+    import ray
+
+    edge_stats = ray.get([h.stats.remote() for h in pipeline.edge.handles], timeout=30)
+    cloud_stats = ray.get([h.stats.remote() for h in pipeline.cloud.handles], timeout=30)
+    assert sum(st.get("results.published_by_cloud", 0) for st in edge_stats) == answers.tiers["cloud"]
+    assert sum(st.get("answers_published", 0) for st in cloud_stats) == answers.tiers["cloud"]
 
 
 @pytest.mark.parametrize("pipeline", [{"policy": "edge-only"}], indirect=True)
