@@ -63,6 +63,27 @@ def _publish_options(p: argparse.ArgumentParser) -> None:
                    help="frames to answer (default), or labelled frames for the cloud to learn from / score on")
 
 
+def _head_options(p: argparse.ArgumentParser) -> None:
+    """`edgeq publish` only: run a partition's head on the devices (config section `publish`: head, cut, tensor_codec)."""
+    from publishers import topics
+    from publishers.tensor_codec import CODECS as TENSOR_CODECS
+
+    tensors, frames = (f.replace("+", "<device id>") for f in (topics.TENSORS_FILTER, topics.FRAMES_FILTER))
+    g = p.add_argument_group(
+        "split computing: the head of a partitioned model on the device (docs/partition.md, Device/edge split)",
+        "Each frame goes through the head (onnxruntime, 1 thread) and the tensor at the cut is published as a "
+        f"tensor frame (wire format version 2) on {tensors} instead of the pixels on "
+        f"{frames}. Make the head with `edgeq partition models/edge_cnn.onnx --cut pool2` "
+        "(writes models/partitions/edge_cnn/). Without --head, onnxruntime is not needed.")
+    g.add_argument("--head", metavar="HEAD.onnx|MANIFEST",
+                   help="a head file <cut id>.head.onnx, its <model>.partition.json beside it (e.g. "
+                        "models/partitions/edge_cnn/edge_cnn@pool2.head.onnx), or a manifest with --cut")
+    g.add_argument("--cut", metavar="POINT|ID", help="with a manifest as --head: the cut (pool2 or edge_cnn@pool2)")
+    g.add_argument("--codec", dest="tensor_codec", choices=TENSOR_CODECS,
+                   help="tensor codec, one the cut offers (default int8: one scale per frame, 590 B per frame at "
+                        "edge_cnn@pool2 against 828 for the pixels; float32 is exact, pq8 needs `partition --pq`)")
+
+
 def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = True) -> None:
     """Options of the `edge`, `cloud` and `ray` sections; dests are SECTION__FIELD."""
     g = p.add_argument_group("Ray (config section `ray`, env EDGEQ_RAY__*)")
@@ -233,9 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("publish", help="run simulated devices that publish frames to the broker")
+    p = sub.add_parser(
+        "publish", help="run simulated devices that publish frames to the broker",
+        description="Simulated devices publish wire frames at QoS 1 (progress on stderr, a summary with bytes per "
+        "frame on stdout; exit status 1 if frames were not confirmed by the broker). With --head they run a "
+        "partition's head and publish tensor frames instead.",
+        epilog="example: edgeq publish --broker 127.0.0.1:1883 --devices 2 --count 100 "
+               "--head models/partitions/edge_cnn/edge_cnn@pool2.head.onnx --codec int8")
     _mqtt_options(p)
     _publish_options(p)
+    _head_options(p)
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from publishers import tensor_codec
 from publishers.errors import ConfigError
 from publishers.noise import NOISE_KINDS
 
 SOURCES = ("mnist", "directory", "camera")
 DROP_POLICIES = ("block", "drop-oldest", "drop-newest")
-TOPIC_KINDS = ("frames", "train", "eval")  # = publishers.topics.FRAME_KINDS
+TOPIC_KINDS = ("frames", "train", "eval")  # publishers.topics.FRAME_KINDS but "tensors" (chosen by `head`)
 
 
 @dataclass
@@ -32,6 +33,13 @@ class PublishConfig:
         device subscribe to its results and publish a frame again (same seq) when no
         result came within this many seconds; at most `queue_size` frames wait for a
         result. 0 (default) = fire and forget once the broker confirmed the frame.
+    head: split computing (docs/partition.md, "Device/edge split"): a partition's head file
+        (`<cut id>.head.onnx`, its `<model>.partition.json` beside it) or a manifest with
+        `cut`; each frame goes through the head (onnxruntime) and its tensor is published as
+        a tensor frame on edgeq/v1/tensors/<device_id> instead of the pixels. None = pixels.
+    cut: with a manifest as `head`: the cut point ("pool2") or id ("edge_cnn@pool2").
+    tensor_codec: how the head's tensor is encoded (publishers.tensor_codec: float32,
+        float16, int8, int8-channel, pq8); it must be offered at the cut.
     """
 
     devices: int = 4
@@ -53,6 +61,9 @@ class PublishConfig:
     progress_s: float = 1.0
     topic: str = "frames"
     shuffle: bool = False  # mnist: replay in a random order seeded by `seed` (the bundled train split is sorted by class)
+    head: str | None = None
+    cut: str | None = None
+    tensor_codec: str = "int8"
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -73,6 +84,13 @@ class PublishConfig:
             raise ConfigError(f"publish.drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         if self.topic not in TOPIC_KINDS:
             raise ConfigError(f"publish.topic must be one of {TOPIC_KINDS}, got {self.topic!r}")
+        if self.tensor_codec not in tensor_codec.CODECS:
+            raise ConfigError(f"publish.tensor_codec must be one of {tensor_codec.CODECS}, got {self.tensor_codec!r}")
+        if self.cut and not self.head:
+            raise ConfigError(f"publish.cut {self.cut!r} names a cut of a partition: it needs publish.head")
+        if self.head and self.topic != "frames":
+            raise ConfigError(f"publish.head sends tensor frames to be answered (edgeq/v1/tensors/<device>); "
+                              f"publish.topic must be frames, got {self.topic!r}")
         self.shape()  # validates frame_shape
 
     def shape(self) -> tuple[int, int]:

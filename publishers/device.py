@@ -6,6 +6,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,9 +81,13 @@ class Device:
         mqtt_cfg: mqttlib.MqttConfig,
         cfg: PublishConfig,
         rng: np.random.Generator,
+        encoder: Callable[[wire.Frame], bytes] | None = None,
+        topic: str | None = None,
     ) -> None:
         self.device_id = device_id
-        self.topic = topics.frames_of_kind(cfg.topic, device_id)
+        # encoder/topic: split computing sends a head's tensor frames instead (publishers.head, publishers.run).
+        self.topic = topic or topics.frames_of_kind(cfg.topic, device_id)
+        self._encode = encoder or wire.encode
         self.source = source
         self.mqtt_cfg = mqtt_cfg
         self.cfg = cfg
@@ -204,7 +209,7 @@ class Device:
             if self.cfg.drop_policy == "drop-newest":
                 return
             self._outbox.popleft()  # drop-oldest
-        self._outbox.append((frame.seq, wire.encode(frame)))
+        self._outbox.append((frame.seq, self._encode(frame)))
         if len(self._unanswered) > self.cfg.queue_size:  # drop policies only: give up the oldest wait
             self._unanswered.popitem(last=False)
             self.stats.dropped["unanswered_full"] += 1

@@ -1,4 +1,4 @@
-"""Running N devices in threads, with progress lines and a final report (`edgeq publish`)."""
+"""Running N devices in threads, with progress lines and a final report (`edgeq publish`, `--head` too)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,21 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from publishers import topics
 from publishers.config import PublishConfig
 from publishers.device import Device, DeviceStats
+from publishers.errors import ConfigError
 from publishers.mqtt import MqttConfig
 from publishers.sources import load_replay_data, make_source
+
+if TYPE_CHECKING:
+    from publishers.head import HeadRunner
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +29,18 @@ Progress = Callable[[str], None]
 
 @dataclass
 class PublishReport:
-    """What a publishing run did, summed over its devices."""
+    """What a publishing run did, summed over its devices. `head`: the devices' partition head (tensor
+    frames on edgeq/v1/tensors/<device>), None when they sent pixel frames."""
 
     devices: list[DeviceStats]
     seconds: float
+    head: HeadRunner | None = None
+
+    @property
+    def bytes_per_frame(self) -> float:
+        """Mean MQTT payload bytes per frame sent (wire frames: pixel or tensor, as published)."""
+        sent = self.total("sent")
+        return self.total("bytes_sent") / sent if sent else 0.0
 
     def total(self, name: str) -> int:
         return sum(getattr(d, name) for d in self.devices)
@@ -41,25 +55,45 @@ class PublishReport:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
         return (
             f"devices={len(self.devices)} generated={self.total('generated')} sent={self.total('sent')} "
-            f"confirmed={acked} bytes={self.total('bytes_sent')} rate={rate:.1f} frames/s "
-            f"reconnects={max(0, self.total('connects') - len(self.devices))} drops: {drops} "
-            f"in {self.seconds:.1f}s"
+            f"confirmed={acked} bytes={self.total('bytes_sent')} ({self.bytes_per_frame:.1f} per frame) "
+            f"rate={rate:.1f} frames/s reconnects={max(0, self.total('connects') - len(self.devices))} "
+            f"drops: {drops} in {self.seconds:.1f}s" + (f"; {self.head.describe()}" if self.head else "")
         )
 
 
-def build_devices(mqtt_cfg: MqttConfig, cfg: PublishConfig) -> list[Device]:
-    """One Device per configured device, each with its own source slice and noise RNG."""
+def load_configured_head(cfg: PublishConfig) -> HeadRunner | None:
+    """The partition head of `cfg.head` (onnxruntime imported only then), or None for pixel frames."""
+    if not cfg.head:
+        return None
+    from publishers.head import load_head
+
+    head = load_head(cfg.head, cfg.cut, cfg.tensor_codec)
+    if cfg.source != "mnist" and head.frame_shape != cfg.shape():
+        raise ConfigError(f"head {head.cut_id} takes {'x'.join(map(str, head.frame_shape))} frames, "
+                          f"publish.frame_shape is {cfg.frame_shape}")
+    return head
+
+
+def build_devices(mqtt_cfg: MqttConfig, cfg: PublishConfig, head: HeadRunner | None = None) -> list[Device]:
+    """One Device per configured device, each with its own source slice and noise RNG.
+
+    head: the partition head every device runs on its frames (shared; `load_configured_head(cfg)`), which
+    makes the devices publish tensor frames on edgeq/v1/tensors/<device_id>; None: pixel frames.
+    """
     data = load_replay_data(cfg)
     seeds = np.random.SeedSequence(cfg.seed).spawn(cfg.devices)
+    ids = [f"{cfg.device_prefix}{i}" for i in range(cfg.devices)]
     return [
         Device(
-            f"{cfg.device_prefix}{i}",
+            device_id,
             make_source(cfg, i, data),
             mqtt_cfg,
             cfg,
             np.random.default_rng(seeds[i]),
+            encoder=head.encode if head else None,
+            topic=topics.tensors(device_id) if head else None,
         )
-        for i in range(cfg.devices)
+        for i, device_id in enumerate(ids)
     ]
 
 
@@ -68,8 +102,9 @@ def run_devices(
     stop: threading.Event | None = None,
     progress: Progress | None = None,
     progress_s: float = 1.0,
+    head: HeadRunner | None = None,
 ) -> PublishReport:
-    """Run every device in its own thread until all finish or `stop` is set."""
+    """Run every device in its own thread until all finish or `stop` is set (`head`: reported, if given)."""
     stop = stop or threading.Event()
     results: dict[str, DeviceStats] = {}
     errors: list[BaseException] = []
@@ -91,12 +126,12 @@ def run_devices(
         time.sleep(0.05)
         if progress and time.monotonic() >= next_report:
             next_report += progress_s
-            live = PublishReport([d.stats for d in devices], time.monotonic() - started)
+            live = PublishReport([d.stats for d in devices], time.monotonic() - started, head)
             running = [d for d, t in zip(devices, threads) if t.is_alive()]
             progress(f"[publish] {_connection_state(running)} {live.summary()}")
     if errors:
         raise errors[0]
-    return PublishReport([results[d.device_id] for d in devices], time.monotonic() - started)
+    return PublishReport([results[d.device_id] for d in devices], time.monotonic() - started, head)
 
 
 def _connection_state(running: list[Device]) -> str:
@@ -118,7 +153,9 @@ def publish(
     stop: threading.Event | None = None,
     progress: Progress | None = None,
 ) -> PublishReport:
-    """Build the configured devices and run them to completion."""
-    devices = build_devices(mqtt_cfg, cfg)
-    logger.info("publishing from %d devices to %s", len(devices), mqtt_cfg.address)
-    return run_devices(devices, stop, progress, cfg.progress_s)
+    """Build the configured devices (with `cfg.head`: running that partition head) and run them to completion."""
+    head = load_configured_head(cfg)
+    devices = build_devices(mqtt_cfg, cfg, head)
+    logger.info("publishing from %d devices to %s%s", len(devices), mqtt_cfg.address,
+                f", tensor frames of {head.cut_id} ({head.codec})" if head else "")
+    return run_devices(devices, stop, progress, cfg.progress_s, head)

@@ -3,6 +3,7 @@
     edgeq/v1/frames/<device_id>     frames, device -> edge (wire format)
     edgeq/v1/train/<device_id>      labelled frames to learn from, device -> edge -> cloud (docs/edge-learning.md)
     edgeq/v1/eval/<device_id>       labelled held-out frames the cloud scores its learned models on
+    edgeq/v1/tensors/<device_id>    tensor frames (wire version 2): a partition head's output, device -> edge
     edgeq/v1/results/<device_id>    results, edge/cloud -> device
     edgeq/v1/status/<component>     "online"/"offline", retained, set by Last Will
 """
@@ -21,7 +22,8 @@ RESULTS_FILTER = f"{PREFIX}/results/+"
 STATUS_FILTER = f"{PREFIX}/status/+"
 TRAIN_FILTER = f"{PREFIX}/train/+"
 EVAL_FILTER = f"{PREFIX}/eval/+"
-FRAME_KINDS = ("frames", "train", "eval")  # topics that carry wire-format frames from devices
+TENSORS_FILTER = f"{PREFIX}/tensors/+"
+FRAME_KINDS = ("frames", "train", "eval", "tensors")  # topics that carry wire-format frames from devices
 EDGE_SHARE_GROUP = "edgeq-edge"
 
 ONLINE = b"online"
@@ -39,8 +41,13 @@ def frames(device_id: str) -> str:
     return f"{PREFIX}/frames/{_checked(device_id, 'device id')}"
 
 
+def tensors(device_id: str) -> str:
+    """Topic a device running a partition's head (`edgeq publish --head`) publishes its tensor frames to."""
+    return f"{PREFIX}/tensors/{_checked(device_id, 'device id')}"
+
+
 def frames_of_kind(kind: str, device_id: str) -> str:
-    """Topic a device publishes wire frames of `kind` (frames | train | eval) to."""
+    """Topic a device publishes wire frames of `kind` (frames | train | eval | tensors) to."""
     if kind not in FRAME_KINDS:
         raise ValueError(f"frame topic kind must be one of {FRAME_KINDS}, got {kind!r}")
     return f"{PREFIX}/{kind}/{_checked(device_id, 'device id')}"
@@ -62,7 +69,7 @@ def shared(topic_filter: str, group: str = EDGE_SHARE_GROUP) -> str:
 
 
 def device_of(topic: str, kind: str = "frames") -> str:
-    """The device id in a frames or results topic. Raises ValueError for any other topic."""
+    """The device id in a `kind` topic (frames, tensors, results, ...). Raises ValueError for any other topic."""
     head = f"{PREFIX}/{kind}/"
     if not topic.startswith(head):
         raise ValueError(f"topic {topic!r} is not a {kind} topic ({head}<device_id>)")
