@@ -15,7 +15,7 @@ from publishers.config import PublishConfig
 from publishers.datasets import load_mnist
 from publishers.mqtt import MqttConfig
 from publishers.run import build_devices, publish, run_devices
-from tests.conftest import DATA_DIR, collect
+from tests.conftest import DATA_DIR, REPO, collect
 
 
 def _frames(messages):
@@ -172,3 +172,60 @@ def test_mqtt5_clients_deliver_too(broker: MosquittoBroker) -> None:
     sub.stop()
     assert report.total("acked") == 50
     assert sorted((f.device_id, f.seq) for f in frames) == [(f"dev{i}", s) for i in range(2) for s in range(25)]
+
+
+def _head_partition(tmp_path):
+    """edge_cnn cut at pool2 written into tmp_path (the test process may import onnx; the device does not)."""
+    from modelstore.partition_files import write_partition
+
+    write_partition(REPO / "models" / "edge_cnn.onnx", tmp_path, ["pool2"])
+    return tmp_path / "edge_cnn@pool2.head.onnx"
+
+
+def test_publish_head_needs_onnxruntime_only_and_sends_tensor_frames(broker: MosquittoBroker, mqtt_cfg, tmp_path):
+    """`edgeq publish --head`: the device runs the head on onnxruntime (ray, scikit-learn, torch and onnx still
+    blocked) and publishes tensor frames on the tensors topic; the summary gives bytes per frame."""
+    from publishers import topics, wire
+
+    head = _head_partition(tmp_path)
+    sub = Subscriber(mqtt_cfg, "test-head-cli", topic_filter=topics.TENSORS_FILTER).start()
+    sub.wait_subscribed()
+    blocker = BLOCKER.replace("'onnxruntime', ", "")
+    args = ["publish", "--broker", broker.address, "--devices", "2", "--count", "5", "--rate", "0",
+            "--data-dir", str(DATA_DIR), "--head", str(head), "--codec", "int8"]
+    proc = subprocess.run([sys.executable, "-c", blocker, *args], check=False, capture_output=True, text=True,
+                          timeout=60)
+    msgs = collect(sub, 10, timeout=15)
+    sub.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert "confirmed=10 bytes=5900 (590.0 per frame)" in proc.stdout  # 590 B: docs/partition.md, pool2 int8
+    assert "head edge_cnn@pool2 (int8, shape 32x4x4): 590.0 B/tensor frame" in proc.stdout
+    frames = [wire.decode_tensor(m.payload) for m in msgs]
+    assert sorted((m.topic, f.device_id, f.seq) for m, f in zip(msgs, frames)) == [
+        (topics.tensors(f"dev{d}"), f"dev{d}", s) for d in range(2) for s in range(5)]
+    assert {(f.cut_id, f.codec, f.shape) for f in frames} == {("edge_cnn@pool2", "int8", (32, 4, 4))}
+
+
+def test_publish_reports_bytes_per_pixel_frame(mqtt_cfg: MqttConfig) -> None:
+    report = publish(mqtt_cfg, PublishConfig(devices=1, count=3, rate_hz=0, data_dir=str(DATA_DIR)))
+    assert report.bytes_per_frame == 828 and "bytes=2484 (828.0 per frame)" in report.summary()
+
+
+def test_publish_head_option_errors_name_the_problem(tmp_path, capsys) -> None:
+    from infra.cli import main
+
+    head = _head_partition(tmp_path)
+    manifest = tmp_path / "edge_cnn.partition.json"
+    cases = [
+        (["--cut", "pool2"], "publish.cut 'pool2' names a cut of a partition: it needs publish.head"),
+        (["--head", str(head), "--topic", "train"], "publish.topic must be frames, got 'train'"),
+        (["--head", str(manifest)], "is a partition manifest: name the cut with --cut"),
+        (["--head", str(manifest), "--cut", "fc1"], "has no cut 'fc1'; its cuts: edge_cnn@pool2"),
+        (["--head", str(head), "--codec", "pq8"], "offers the codecs float32, float16, int8, int8-channel, not 'pq8'"),
+        (["--head", str(tmp_path / "edge_cnn@relu1.head.onnx")], "has no cut 'edge_cnn@relu1'; its cuts: edge_cnn@pool2"),
+        (["--head", str(tmp_path / "gone" / "edge_cnn@pool2.head.onnx")], "cannot read partition manifest"),
+    ]
+    for extra, message in cases:
+        # No broker is needed: each is refused before a device connects (a bounded 1-frame run otherwise).
+        code = main(["publish", "--broker", "127.0.0.1:1", "--devices", "1", "--count", "1", *extra])
+        assert code == 2 and message in capsys.readouterr().err, extra

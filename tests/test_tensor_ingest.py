@@ -123,7 +123,7 @@ def _replace(frame: wire.TensorFrame, **changes) -> wire.TensorFrame:
 
 def test_malformed_frames_rejected_with_the_specific_reason_good_ones_between_answered(partition, whole,
                                                                                         test_split):
-    out, manifest_path, manifest = partition
+    out, manifest_path, _ = partition
     tails = TailRunner(manifest_path)
     # A codebook of fewer than 256 words, so that code 255 is out of range (reason bad_code).
     pq = tails.ingest.codebooks["edge_cnn@fc1"]
