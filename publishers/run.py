@@ -77,9 +77,11 @@ def load_configured_head(cfg: PublishConfig) -> HeadRunner | None:
 def build_devices(mqtt_cfg: MqttConfig, cfg: PublishConfig, head: HeadRunner | None = None) -> list[Device]:
     """One Device per configured device, each with its own source slice and noise RNG.
 
-    head: the partition head every device runs on its frames (shared; `load_configured_head(cfg)`), which
-    makes the devices publish tensor frames on edgeq/v1/tensors/<device_id>; None: pixel frames.
+    head: the partition head every device runs on its frames (shared), which makes the devices publish
+    tensor frames on edgeq/v1/tensors/<device_id>; None: `load_configured_head(cfg)` (pixel frames unless
+    `cfg.head` is set).
     """
+    head = head or load_configured_head(cfg)
     data = load_replay_data(cfg)
     seeds = np.random.SeedSequence(cfg.seed).spawn(cfg.devices)
     ids = [f"{cfg.device_prefix}{i}" for i in range(cfg.devices)]
