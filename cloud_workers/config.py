@@ -21,6 +21,9 @@ class CloudConfig:
     # k the pca-* codecs take; 0 = the PCA MLP model's input size. With another k (<= pca.npz's k_max) pca
     # frames are answered once a model was learned for that k (cloud_workers.learning), degraded before.
     pca_components: int = 0
+    # Device/edge split: a partition manifest (or the directory holding one), relative to models_dir, whose tails
+    # answer the tensor frames edge workers forward (cloud_workers.tail.TailMixin). "" = none.
+    partitions: str = ""
 
     def __post_init__(self) -> None:
         if self.actors < 1:

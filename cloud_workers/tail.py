@@ -96,3 +96,67 @@ class _Indexed:
     index: int
     payload: bytes
     topic: None = None
+
+
+class TailMixin:
+    """CloudWorker's tensor-frame calls: the tails of `cloud.partitions`' cuts, answers published to the devices.
+
+    Needs the worker's `counts`, `_publisher(mqtt_cfg)` and `cfg.partitions` / `cfg.models_dir` / `cfg.threads`.
+    """
+
+    def _init_tails(self) -> None:
+        from edge_workers.runtime import models_dir
+        from edge_workers.split_runner import find_manifest
+
+        self.tails = None
+        if self.cfg.partitions:
+            self.tails = TailRunner(find_manifest(self.cfg.partitions, models_dir(self.cfg.models_dir)),
+                                    threads=self.cfg.threads)
+
+    @property
+    def tail_cuts(self) -> tuple[str, ...]:
+        return self.tails.cuts if self.tails is not None else ()
+
+    def infer_tensors(self, payloads: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Classify tensor frames with the tails: (classes int64 [n], confidence float32 [n]) in input order.
+
+        RuntimeError when no partition is served; ValueError naming the reasons when any frame is rejected
+        (the edge checked them: a rejection here means the edge and the cloud serve different manifests)."""
+        from cloud_workers import metrics
+
+        if self.tails is None:
+            metrics.CLOUD_ERRORS.labels("no_model").inc()
+            raise RuntimeError("this cloud worker serves no partition (cloud.partitions is not set)")
+        answer = self.tails.answer(payloads)
+        if answer.rejected:
+            metrics.CLOUD_ERRORS.labels("bad_tensor").inc()
+            reasons = sorted(set(answer.rejected.values()))
+            raise ValueError(f"{len(answer.rejected)} of {len(payloads)} tensor frames rejected: {', '.join(reasons)}")
+        nbytes = sum(len(p) for p in payloads)
+        metrics.CLOUD_INFERENCE_SECONDS.labels("cloud-tail").observe(answer.seconds)
+        metrics.CLOUD_FRAMES.labels("tensor").inc(len(payloads))
+        metrics.CLOUD_BYTES.labels("tensor").inc(nbytes)
+        metrics.CLOUD_BATCH.observe(len(payloads))
+        self.counts["tensor_frames"] += len(payloads)
+        self.counts["bytes"] += nbytes
+        return answer.classes, answer.confidence
+
+    def infer_tensors_and_answer(self, payloads: list[bytes], frames: list, mqtt_cfg, answer_by_ns: int):
+        """`infer_tensors`, then publish the results to the frames' devices (tier `cloud`) as
+        `CloudWorker.infer_and_answer` does: (classes, confidence, published or None)."""
+        from edge_workers.answers import device_messages
+
+        classes, conf = self.infer_tensors(payloads)
+        if len(frames) != len(payloads):
+            raise ValueError(f"{len(payloads)} tensor frames to answer, {len(frames)} frame references")
+        now_ns = time.time_ns()
+        if now_ns >= answer_by_ns:
+            self.counts["answers_late"] += 1
+            return classes, conf, None
+        messages, latencies = device_messages(frames, classes, conf, "cloud", False, now_ns)
+        wait_s = min(1.0, (answer_by_ns - now_ns) / 1e9)
+        if not self._publisher(mqtt_cfg).publish([(topic, payload) for topic, payload, _ in messages], wait_s):
+            self.counts["answers_not_published"] += 1
+            return classes, conf, None
+        self.counts["answers_published"] += len(payloads)
+        return classes, conf, (latencies, sum(len(payload) for _, payload, _ in messages))

@@ -21,6 +21,7 @@ from cloud_workers import metrics
 from cloud_workers.config import CloudConfig
 from cloud_workers.learning import LearningMixin
 from cloud_workers.publisher import ResultPublisher
+from cloud_workers.tail import TailMixin
 from edge_workers.answers import FrameRef, device_messages
 from edge_workers.codecs import CODECS, FRAME_CODECS, UplinkCodec
 from edge_workers.reduce import PCA_FILE, PCAModel
@@ -33,7 +34,7 @@ ACTOR_PREFIX = "edgeq-cloud-"
 ANSWER_WAIT_S = 1.0  # infer_and_answer waits at most this long for the broker to acknowledge its results
 
 
-class CloudWorker(LearningMixin):
+class CloudWorker(LearningMixin, TailMixin):
     """Classifies uplink batches, and learns from reduced labelled frames (cloud_workers.learning).
 
     Plain class; `infra.cluster` wraps it with `ray.remote`.
@@ -61,6 +62,7 @@ class CloudWorker(LearningMixin):
         self.counts: collections.Counter[str] = collections.Counter()
         self._publishers: dict[tuple, ResultPublisher] = {}  # one MQTT client per broker and account
         self._init_learning(pca, frame_shape, cfg.threads)
+        self._init_tails()  # cloud.partitions: tails for the tensor frames edges forward
         self.metrics_port = None
         if serve_metrics:
             from edge_workers.metrics_server import serve_metrics as serve
@@ -74,7 +76,7 @@ class CloudWorker(LearningMixin):
 
         return {
             **process_location(self.index, self.metrics_port, self.cfg.metrics_addr), "pca_k": self.pca_k,
-            "code_sizes": {name: c.code_size for name, c in self.codecs.items()},
+            "code_sizes": {name: c.code_size for name, c in self.codecs.items()}, "tail_cuts": self.tail_cuts,
         }
 
     def infer(self, codec: str, codes: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:

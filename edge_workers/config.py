@@ -50,6 +50,12 @@ class EdgeConfig:
     # Also take labelled frames from the train/eval topics, reduce them with `codec` and send them to the cloud
     # workers' learning store (edge_workers.learning, docs/edge-learning.md).
     learn: bool = False
+    # Device/edge split (docs/partition.md): a partition manifest (`<model>.partition.json`) or the directory
+    # holding one, relative to models_dir. Set: the actors also take the devices' head tensor frames
+    # (edgeq/v1/tensors/+, shared subscription), check them against the manifest's cuts, send them to the cloud
+    # tails and run the tails themselves when the cloud fails (answers degraded) or under policy edge-only.
+    # "" = off: pixel frames only.
+    partitions: str = ""
 
     def __post_init__(self) -> None:
         if self.actors < 1:

@@ -146,3 +146,18 @@ class EdgeHead:
     def encode(self, images: np.ndarray, frames: Sequence[Any]) -> list[bytes]:
         """`tensor_frames`, serialized: the payloads of the edge -> cloud hop (sum of lengths = bytes sent)."""
         return [wire.encode_tensor(tf) for tf in self.tensor_frames(images, frames)]
+
+
+def find_manifest(path: str | Path, base: str | Path = ".") -> Path:
+    """A partition manifest given as its path or as a directory holding exactly one `*.partition.json`
+    (relative paths under `base`); FileNotFoundError / ValueError naming what was found otherwise."""
+    p = Path(base) / path
+    if p.is_dir():
+        found = sorted(p.glob("*.partition.json"))
+        if len(found) != 1:
+            raise ValueError(f"{p} holds {len(found)} partition manifests ({', '.join(f.name for f in found)}), "
+                             "expected one: name the manifest")
+        return found[0]
+    if not p.is_file():
+        raise FileNotFoundError(f"partition manifest not found: {p}")
+    return p

@@ -60,6 +60,7 @@ class PendingCall:
     deadline: float
     cloud: int                # index of the cloud actor called
     attempt: int = 1
+    tensors: list | None = None  # tensor frames (TensorItem) sent as they came: edge_workers.tensor_path
 
 
 class EdgeWorker:
@@ -72,6 +73,12 @@ class EdgeWorker:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg, self.index, self.namespace, self.mqtt_cfg = cfg, index, namespace, mqtt_cfg
         self.processor = EdgeProcessor(cfg)
+        self.tensors, sub_cls, topic = None, DrivenSubscriber, topics.shared(topics.FRAMES_FILTER, cfg.group)
+        if cfg.partitions:  # devices' head tensor frames too (device/edge split)
+            from edge_workers.tensor_path import SplitSubscriber, TensorPath
+
+            self.tensors, sub_cls = TensorPath(cfg.partitions, cfg.models_dir, cfg.threads), SplitSubscriber
+            topic = (topic, topics.shared(topics.TENSORS_FILTER, cfg.group))
         self.cloud_names = tuple(cloud_names)
         self._clouds: list = []
         self._direct: list[bool] = []  # per cloud actor: it publishes its answers itself (infer_and_answer)
@@ -85,9 +92,8 @@ class EdgeWorker:
             self.metrics_port = serve(cfg.metrics_port + index if cfg.metrics_port else 0, cfg.metrics_addr)
         # Stable id + persistent session: a restarted actor resumes its session and its unacked frames.
         # The Ray namespace keeps two deployments sharing a broker (and a group) from taking over each other's ids.
-        self.sub = DrivenSubscriber(
-            mqtt_cfg, f"{cfg.group}-{namespace}-{index}", topics.shared(topics.FRAMES_FILTER, cfg.group),
-            max_queue=cfg.queue_size, status_component=f"edge.{index}", persistent=True, manual_ack=True,
+        self.sub = sub_cls(
+            mqtt_cfg, f"{cfg.group}-{namespace}-{index}", topic, max_queue=cfg.queue_size, status_component=f"edge.{index}", persistent=True, manual_ack=True,
         ).start()
         self._stop = threading.Event()
         self._draining = threading.Event()
@@ -169,6 +175,8 @@ class EdgeWorker:
                     f"{self.cfg.codec!r} (pca k={info['pca_k']}), this edge sends {want} B: "
                     "set edge.pca_components to the cloud PCA model's k"
                 )
+            if self.tensors is not None:
+                self.tensors.check_cloud(name, info)
         self._clouds = handles
         # Each cloud actor opens its own MQTT client now, so the first calls can already be answered from there;
         # one that cannot connect is called with `infer`, and the edge publishes its answers.
@@ -180,7 +188,7 @@ class EdgeWorker:
             self._direct = [False] * len(handles)
 
     def _submit(self, frames: list[Frame], msgs: list[Received], codes: bytes, classes, conf, attempt: int = 1,
-                after: int | None = None) -> None:
+                after: int | None = None, tensors: list | None = None) -> None:
         """Send one uplink batch to a cloud actor: round robin, or the one after `after` for a retry."""
         if not self._clouds:
             raise RuntimeError("no cloud workers connected")
@@ -190,18 +198,22 @@ class EdgeWorker:
         else:
             index = (after + 1) % len(self._clouds)
         timeout = self.cfg.cloud_timeout_s
-        if self._direct[index]:  # the cloud publishes while there is time for its completion to come back before the deadline
-            answer_by = time.time_ns() + int(1e9 * (timeout - min(ANSWER_MARGIN_S, timeout / 2)))
+        answer_by = time.time_ns() + int(1e9 * (timeout - min(ANSWER_MARGIN_S, timeout / 2)))
+        if tensors is not None:  # devices' head tensor frames: the cloud runs the tails
+            refs = [FrameRef(f.device_id, f.seq, f.capture_ns, f.label) for f in frames]
+            ref = self.tensors.call(self._clouds[index], self._direct[index], tensors, refs, self.mqtt_cfg, answer_by)
+        elif self._direct[index]:  # the cloud publishes while there is time for its completion to come back before the deadline
             refs = [FrameRef(f.device_id, f.seq, f.capture_ns, f.label) for f in frames]
             ref = self._clouds[index].infer_and_answer.remote(self.cfg.codec, codes, len(frames), refs,
                                                               self.mqtt_cfg, answer_by)
         else:
             ref = self._clouds[index].infer.remote(self.cfg.codec, codes, len(frames))
         self.pending.append(PendingCall(ref, frames, msgs, classes, conf, codes, time.monotonic() + timeout, index,
-                                        attempt))
+                                        attempt, tensors))
         # Bytes count every send (a retry moves them again); frames count once.
-        metrics.child(metrics.PAYLOAD_BYTES, "edge_to_cloud").inc(len(codes))
-        self.counts["bytes_edge_to_cloud"] += len(codes)
+        nbytes = len(codes) if tensors is None else sum(item.nbytes for item in tensors)
+        metrics.child(metrics.PAYLOAD_BYTES, "edge_to_cloud").inc(nbytes)
+        self.counts["bytes_edge_to_cloud"] += nbytes
         if attempt == 1:
             self.counts["frames_to_cloud"] += len(frames)
 
@@ -243,10 +255,12 @@ class EdgeWorker:
         if call.attempt == 1 and len(self._clouds) > 1:
             try:
                 self._submit(call.frames, call.msgs, call.codes, call.edge_classes, call.edge_conf, attempt=2,
-                             after=call.cloud)
+                             after=call.cloud, tensors=call.tensors)
                 return
             except Exception as err:  # noqa: BLE001 - any failure to resend means: answer here
                 logger.warning("cloud retry failed: %s", err)
+        if call.tensors is not None:  # no pixels: the edge's own copy of the tails answers
+            return self._publish(call.frames, call.msgs, *self.tensors.classify(call.tensors), "edge", degraded=True)
         self._answer_degraded(call.frames, call.msgs, call.edge_classes, call.edge_conf)
 
     def _answer_degraded(self, frames: list[Frame], msgs: list[Received], classes: np.ndarray,
@@ -323,6 +337,8 @@ class EdgeWorker:
         metrics.BATCH_SIZE.observe(len(batch))
         self.counts["received"] += len(batch)
         self.counts["bytes_device_to_edge"] += nbytes
+        if self.tensors is not None:  # head tensor frames (device/edge split) go their own way
+            batch = self.tensors.take(self, batch)
         frames, msgs, images = [], [], []
         t_decode = time.perf_counter()
         for msg in batch:
@@ -364,7 +380,7 @@ class EdgeWorker:
         """Publish one result message per device of the group (its results in frame order, see
         `edge_workers.answers.device_messages`); each message's frames are acknowledged once the broker
         acknowledged it (DrivenSubscriber.publish). `published` = (latency ms per frame, payload bytes): a cloud
-        actor published these results and the broker acknowledged them, so only acknowledge and count.
+        actor published these results (written to its connection), so only acknowledge and count.
 
         Counters are updated once per batch and the latency histogram's child is looked up once: a label
         lookup takes a lock and a dict access, per frame that was wasted on the hot path. One message per
