@@ -108,3 +108,34 @@ def test_head_tensors_answered_by_the_cloud_tail_bad_ones_counted_pixels_still_a
         good_bad * frame_bytes)
     assert value(m, "edgeq_payload_bytes_total", direction="edge_to_cloud") == value(
         m, "edgeq_cloud_received_bytes_total")
+
+
+def test_cloud_gone_the_edge_answers_tensor_frames_with_its_own_tails_degraded(
+        split_pipeline, parts, mqtt_cfg, test_split, whole_classes):  # noqa: F811 - fixtures
+    import ray
+
+    edge, cloud = split_pipeline
+    out, _ = parts
+    for h in cloud.handles:
+        ray.kill(h, no_restart=True)
+    collector = ResultCollector(mqtt_cfg, "test-split-degraded").start()
+    try:
+        report = publish(mqtt_cfg, PublishConfig(devices=DEVICES, count=50, rate_hz=0, data_dir=str(DATA_DIR),
+                                                 head=str(out / "edge_cnn@pool2.head.onnx"), tensor_codec="int8"))
+        assert collector.wait_for(DEVICES * 50, 90), f"only {collector.answered()} of {DEVICES * 50} answered"
+        time.sleep(0.5)
+    finally:
+        answers = collector.stop()
+
+    assert report.total("acked") == DEVICES * 50
+    assert len(answers.unique) == DEVICES * 50 and answers.duplicates == 0
+    assert {r.tier for r in answers.unique.values()} == {"edge"} and answers.degraded == DEVICES * 50
+    keys = sorted(answers.unique)
+    idx = np.array([_image_index(d, s) for d, s in keys])
+    classes = np.array([answers.unique[k].cls for k in keys])
+    labels = test_split.labels[idx]
+    split_acc, whole_acc = float((classes == labels).mean()), float((whole_classes[idx] == labels).mean())
+    assert abs(split_acc - whole_acc) <= 0.01, (split_acc, whole_acc)  # at most 1 of the 100 frames
+    m = scrape(edge.metrics_targets())
+    assert value(m, "edgeq_results_total", tier="edge", degraded="true") == DEVICES * 50
+    assert value(m, "edgeq_cloud_requests_total", outcome="error") >= 1
