@@ -56,6 +56,10 @@ class EdgeConfig:
     # tails and run the tails themselves when the cloud fails (answers degraded) or under policy edge-only.
     # "" = off: pixel frames only.
     partitions: str = ""
+    # Edge/cloud split (needs partitions, codec raw or denoised): a cut of that manifest (point or id). Frames the
+    # edge forwards go up as the head's tensor frames (codec uplink_tensor_codec) and the cloud runs the tail.
+    uplink_cut: str = ""
+    uplink_tensor_codec: str = "int8"
 
     def __post_init__(self) -> None:
         if self.actors < 1:
@@ -79,5 +83,8 @@ class EdgeConfig:
             raise ConfigError(f"edge.cloud_timeout_s must be > 0, got {self.cloud_timeout_s}")
         if self.pca_components < 1:
             raise ConfigError(f"edge.pca_components must be >= 1, got {self.pca_components}")
+        if self.uplink_cut and (not self.partitions or self.codec not in ("raw", "denoised")):
+            raise ConfigError(f"edge.uplink_cut needs edge.partitions and edge.codec raw or denoised, got "
+                              f"partitions={self.partitions!r}, codec={self.codec!r}")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"edge.metrics_port must be a port number, got {self.metrics_port}")

@@ -17,6 +17,7 @@ tensor-topic messages to `TensorPath.take`, which:
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -25,7 +26,7 @@ from edge_workers import metrics
 from edge_workers.ingest import DrivenSubscriber, Received
 from edge_workers.routing import confidence
 from edge_workers.runtime import models_dir
-from edge_workers.split_runner import PartRunner, find_manifest
+from edge_workers.split_runner import EdgeHead, PartRunner, find_manifest
 from edge_workers.tensor_ingest import TensorIngest, TensorItem, group
 from publishers import topics
 
@@ -66,10 +67,21 @@ class SplitSubscriber(DrivenSubscriber):
 class TensorPath:
     """The partition manifest's cuts as the edge serves them: the ingest check and the tails (for edge answers)."""
 
-    def __init__(self, partitions: str, models: str = "", threads: int = 1) -> None:
-        self.manifest_path = find_manifest(partitions, models_dir(models))
+    def __init__(self, cfg) -> None:  # cfg: edge_workers.config.EdgeConfig with `partitions` set
+        self.manifest_path = find_manifest(cfg.partitions, models_dir(cfg.models_dir))
         self.ingest = TensorIngest.from_manifest(self.manifest_path)
-        self.tails = PartRunner(self.manifest_path, "tail", threads=threads)
+        self.tails = PartRunner(self.manifest_path, "tail", threads=cfg.threads)
+        # Edge/cloud split: uncertain pixel frames go up as this head's tensor frames instead of codec payloads.
+        self.head = (EdgeHead(self.manifest_path, cfg.uplink_cut, cfg.uplink_tensor_codec, threads=cfg.threads)
+                     if cfg.uplink_cut else None)
+
+    def uplink(self, codes: np.ndarray, frames: list) -> list[bytes] | None:
+        """The edge head's tensor frames for forwarded pixel frames (codes: uint8 [n, H*W], the raw or denoised
+        codec's payloads), one per frame with its ids; None without `edge.uplink_cut`."""
+        if self.head is None:
+            return None
+        side = math.isqrt(codes.shape[1])  # square frames: 784 -> 28 x 28
+        return self.head.encode(codes.reshape(len(codes), side, side), frames)
 
     @property
     def cuts(self) -> tuple[str, ...]:
@@ -82,8 +94,13 @@ class TensorPath:
             raise ValueError(f"cloud worker {name} runs no tail for cuts {missing} of {self.manifest_path.name}: "
                              "set cloud.partitions to the same manifest")
 
-    def classify(self, items: list[TensorItem]) -> tuple[np.ndarray, np.ndarray]:
-        """The tails' answers for accepted items, in their order: (classes int64 [n], confidence float32 [n])."""
+    def classify(self, items: list[TensorItem] | list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """The tails' answers for accepted items (or payloads of valid tensor frames), in their order:
+        (classes int64 [n], confidence float32 [n])."""
+        if items and isinstance(items[0], (bytes, bytearray)):
+            items, rejected = self.ingest.decode_many(items)
+            if rejected:
+                raise ValueError(f"{len(rejected)} tensor frames rejected: {rejected[0][1]}")
         classes = np.full(len(items), -1, dtype=np.int64)
         conf = np.zeros(len(items), dtype=np.float32)
         pos = {id(item): i for i, item in enumerate(items)}
@@ -118,7 +135,8 @@ class TensorPath:
         try:
             if not worker._clouds:
                 worker._connect_clouds()
-            worker._submit(frames, tmsgs, b"", unknown, np.zeros(len(items), dtype=np.float32), tensors=items)
+            worker._submit(frames, tmsgs, b"", unknown, np.zeros(len(items), dtype=np.float32),
+                           tensors=[bytes(i.msg.payload) for i in items])
         except Exception as err:  # noqa: BLE001 - no reachable cloud: the edge runs the tails, degraded
             logger.warning("cannot reach the cloud for tensor frames: %s", err)
             metrics.child(metrics.CLOUD_REQUESTS, "error").inc()
@@ -127,9 +145,8 @@ class TensorPath:
             worker._publish(frames, tmsgs, classes, conf, "edge", degraded=True)
 
     @staticmethod
-    def call(cloud, direct: bool, items: list[TensorItem], refs: list, mqtt_cfg, answer_by_ns: int):
-        """Start the cloud call for `items` on actor handle `cloud`: a ray.ObjectRef of (classes, conf[, published])."""
-        payloads = [bytes(i.msg.payload) for i in items]
+    def call(cloud, direct: bool, payloads: list[bytes], refs: list, mqtt_cfg, answer_by_ns: int):
+        """Start the cloud call for tensor frames on actor handle `cloud`: a ray.ObjectRef of (classes, conf[, published])."""
         if direct:
             return cloud.infer_tensors_and_answer.remote(payloads, refs, mqtt_cfg, answer_by_ns)
         return cloud.infer_tensors.remote(payloads)

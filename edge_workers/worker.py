@@ -60,7 +60,7 @@ class PendingCall:
     deadline: float
     cloud: int                # index of the cloud actor called
     attempt: int = 1
-    tensors: list | None = None  # tensor frames (TensorItem) sent as they came: edge_workers.tensor_path
+    tensors: list | None = None  # tensor frame payloads (bytes) instead of codes: edge_workers.tensor_path
 
 
 class EdgeWorker:
@@ -77,7 +77,7 @@ class EdgeWorker:
         if cfg.partitions:  # devices' head tensor frames too (device/edge split)
             from edge_workers.tensor_path import SplitSubscriber, TensorPath
 
-            self.tensors, sub_cls = TensorPath(cfg.partitions, cfg.models_dir, cfg.threads), SplitSubscriber
+            self.tensors, sub_cls = TensorPath(cfg), SplitSubscriber
             topic = (topic, topics.shared(topics.TENSORS_FILTER, cfg.group))
         self.cloud_names = tuple(cloud_names)
         self._clouds: list = []
@@ -199,7 +199,7 @@ class EdgeWorker:
             index = (after + 1) % len(self._clouds)
         timeout = self.cfg.cloud_timeout_s
         answer_by = time.time_ns() + int(1e9 * (timeout - min(ANSWER_MARGIN_S, timeout / 2)))
-        if tensors is not None:  # devices' head tensor frames: the cloud runs the tails
+        if tensors is not None:  # head tensor frames (the devices' or the edge's own head): the cloud runs the tails
             refs = [FrameRef(f.device_id, f.seq, f.capture_ns, f.label) for f in frames]
             ref = self.tensors.call(self._clouds[index], self._direct[index], tensors, refs, self.mqtt_cfg, answer_by)
         elif self._direct[index]:  # the cloud publishes while there is time for its completion to come back before the deadline
@@ -211,7 +211,7 @@ class EdgeWorker:
         self.pending.append(PendingCall(ref, frames, msgs, classes, conf, codes, time.monotonic() + timeout, index,
                                         attempt, tensors))
         # Bytes count every send (a retry moves them again); frames count once.
-        nbytes = len(codes) if tensors is None else sum(item.nbytes for item in tensors)
+        nbytes = len(codes) if tensors is None else sum(map(len, tensors))
         metrics.child(metrics.PAYLOAD_BYTES, "edge_to_cloud").inc(nbytes)
         self.counts["bytes_edge_to_cloud"] += nbytes
         if attempt == 1:
@@ -259,7 +259,7 @@ class EdgeWorker:
                 return
             except Exception as err:  # noqa: BLE001 - any failure to resend means: answer here
                 logger.warning("cloud retry failed: %s", err)
-        if call.tensors is not None:  # no pixels: the edge's own copy of the tails answers
+        if call.tensors is not None and (call.edge_classes < 0).any():  # no edge answer: the edge's tails give it
             return self._publish(call.frames, call.msgs, *self.tensors.classify(call.tensors), "edge", degraded=True)
         self._answer_degraded(call.frames, call.msgs, call.edge_classes, call.edge_conf)
 
@@ -368,7 +368,8 @@ class EdgeWorker:
             try:
                 if not self._clouds:
                     self._connect_clouds()
-                self._submit(up_frames, up_msgs, d.uplink.tobytes(), d.classes[up], d.confidences[up])
+                self._submit(up_frames, up_msgs, d.uplink.tobytes(), d.classes[up], d.confidences[up],
+                             tensors=self.tensors and self.tensors.uplink(d.uplink, up_frames))
             except Exception as err:  # noqa: BLE001 - no reachable cloud: the edge answers, degraded
                 logger.warning("cannot reach the cloud: %s", err)
                 metrics.child(metrics.CLOUD_REQUESTS, "error").inc()

@@ -13,7 +13,7 @@ from edge_workers.config import EdgeConfig
 from infra import cluster
 from infra.collector import ResultCollector
 from modelstore.partition_files import write_partition
-from publishers import topics
+from publishers import topics, wire
 from publishers.config import PublishConfig
 from publishers.device import Device
 from publishers.head import load_head
@@ -35,14 +35,16 @@ def parts(tmp_path_factory):
 
 
 @pytest.fixture
-def split_pipeline(local_ray, broker, mqtt_cfg, parts):
+def split_pipeline(local_ray, broker, mqtt_cfg, parts, request):
+    """1 cloud + 1 edge actor serving the pool2 partition; `request.param` overrides EdgeConfig fields."""
     _, manifest = parts
-    ray_cfg = RayConfig(namespace="test-split-pipeline")
+    ray_cfg = RayConfig(namespace=f"test-split-{request.node.name}"[:60].replace("[", "-").replace("]", ""))
     cloud = cluster.start_cloud(CloudConfig(actors=1, metrics_port=0, partitions=str(manifest)), ray_cfg)
     edge = None
     try:
-        edge = cluster.start_edge(EdgeConfig(actors=1, metrics_port=0, partitions=str(manifest.parent)), mqtt_cfg,
-                                  ray_cfg, cloud.names)
+        edge_cfg = EdgeConfig(actors=1, metrics_port=0, partitions=str(manifest.parent),
+                              **getattr(request, "param", {}))
+        edge = cluster.start_edge(edge_cfg, mqtt_cfg, ray_cfg, cloud.names)
         yield edge, cloud
     finally:
         if edge is not None:
@@ -139,3 +141,28 @@ def test_cloud_gone_the_edge_answers_tensor_frames_with_its_own_tails_degraded(
     m = scrape(edge.metrics_targets())
     assert value(m, "edgeq_results_total", tier="edge", degraded="true") == DEVICES * 50
     assert value(m, "edgeq_cloud_requests_total", outcome="error") >= 1
+
+
+@pytest.mark.parametrize("split_pipeline", [{"uplink_cut": "pool2", "policy": "cloud-only"}], indirect=True)
+def test_edge_head_sends_pixel_frames_up_as_tensor_frames_with_exact_bytes(split_pipeline, parts, mqtt_cfg):
+    edge, cloud = split_pipeline
+    out, _ = parts
+    n = 200
+    collector = ResultCollector(mqtt_cfg, "test-split-edge-head").start()
+    try:
+        report = publish(mqtt_cfg, PublishConfig(devices=DEVICES, count=n // DEVICES, rate_hz=0,
+                                                 data_dir=str(DATA_DIR)))
+        assert collector.wait_for(n, 90), f"only {collector.answered()} of {n} answered"
+        time.sleep(0.5)
+    finally:
+        answers = collector.stop()
+
+    assert report.total("acked") == n and len(answers.unique) == n and answers.duplicates == 0
+    assert answers.tiers == {"cloud": n} and answers.degraded == 0
+    assert answers.accuracy >= 0.97, answers.accuracy  # the edge CNN split at pool2 on denoised frames
+    head = load_head(out / "edge_cnn@pool2.head.onnx", codec="int8")
+    m = scrape(edge.metrics_targets() + cloud.metrics_targets())
+    # One int8 tensor frame per forwarded frame, its bytes exactly (dev0 and dev1 frames have the same length).
+    frame_bytes = len(head.encode(wire.Frame("dev0", 0, 0, np.zeros((28, 28), np.uint8), label=0)))
+    assert value(m, "edgeq_payload_bytes_total", direction="edge_to_cloud") == n * frame_bytes
+    assert value(m, "edgeq_cloud_received_bytes_total", codec="tensor") == n * frame_bytes
