@@ -7,11 +7,18 @@ from dataclasses import dataclass
 from publishers.errors import ConfigError
 
 
+RUNTIMES = ("onnx", "qcnn")  # model runtime keys the cloud's frame model can use (edge_workers.runtime)
+DEFAULT_FRAME_MODEL, QCNN_FRAME_MODEL = "cloud_cnn.onnx", "cloud_cnn.qcnn.onnx"
+
+
 @dataclass
 class CloudConfig:
     """The cloud worker pool: one model per uplink codec family, loaded in every actor."""
 
     actors: int = 1                          # cloud worker actors
+    # The frame model's runtime: onnx (float or int8 files) or qcnn (a Q-CNN file: with the default frame_model
+    # that is cloud_cnn.qcnn.onnx, 28.6x smaller and 2-2.8x faster than the float file, docs/results/qcnn.md).
+    runtime: str = "onnx"
     frame_model: str = "cloud_cnn.onnx"      # for the raw and denoised codecs (input [N,1,28,28])
     pca_model: str = "cloud_pca_mlp.onnx"    # for the pca-f16 and pca-int8 codecs (input [N,k])
     models_dir: str = ""                     # "" = the repository's models/
@@ -28,6 +35,10 @@ class CloudConfig:
     def __post_init__(self) -> None:
         if self.actors < 1:
             raise ConfigError(f"cloud.actors must be >= 1, got {self.actors}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"cloud.runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.runtime == "qcnn" and self.frame_model == DEFAULT_FRAME_MODEL:
+            self.frame_model = QCNN_FRAME_MODEL
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"cloud.metrics_port must be a port number, got {self.metrics_port}")
         if self.pca_components < 0:

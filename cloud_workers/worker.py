@@ -46,7 +46,7 @@ class CloudWorker(LearningMixin, TailMixin):
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg, self.index = cfg, index
         mdir = models_dir(cfg.models_dir)
-        self.frame_model = load_runtime("onnx", mdir / cfg.frame_model, threads=cfg.threads)
+        self.frame_model = load_runtime(cfg.runtime, mdir / cfg.frame_model, threads=cfg.threads)  # onnx or qcnn
         self.pca_model = load_runtime("onnx", mdir / cfg.pca_model, threads=cfg.threads)
         self.frame_model.warmup()
         self.pca_model.warmup()
@@ -77,6 +77,7 @@ class CloudWorker(LearningMixin, TailMixin):
         return {
             **process_location(self.index, self.metrics_port, self.cfg.metrics_addr), "pca_k": self.pca_k,
             "code_sizes": {name: c.code_size for name, c in self.codecs.items()}, "tail_cuts": self.tail_cuts,
+            "frame_model": {"file": self.cfg.frame_model, "runtime": self.cfg.runtime},
         }
 
     def infer(self, codec: str, codes: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
