@@ -3,7 +3,10 @@
 Why (issue 17): a cloud-tier answer used to travel back through Ray to the edge actor,
 wait for the edge's next look at its pending calls, and be published from there; the
 cloud-tier frames (about 3 %) made the p99. Now the cloud actor publishes the result as
-soon as it has it, waits for the broker's PUBACK, and returns; the edge then acknowledges the frames.
+soon as it has it and returns once the result messages were written to its connection; the edge then
+acknowledges the frames. It does not wait for the broker's PUBACK: under overload the broker answers late,
+and a cloud call that waits for it holds the edge's window of pending calls (measured: 5,536 frames/s
+answered at 8,000 offered, against 6,665 without the wait).
 """
 
 from __future__ import annotations
@@ -51,12 +54,13 @@ class ResultPublisher:
                     return True
         return False
 
-    def publish(self, messages: list[tuple[str, bytes]], wait_s: float) -> bool:
-        """Publish `messages` [(topic, payload)] and wait up to `wait_s` for the broker's PUBACKs (QoS 1).
+    def publish(self, messages: list[tuple[str, bytes]], wait_s: float = 0.0) -> bool:
+        """Publish `messages` [(topic, payload)]; with `wait_s` > 0 also wait that long for the broker's PUBACKs.
 
-        True when the broker acknowledged every one (QoS 0: wrote it), so whoever holds the frames may
-        acknowledge them; False when not connected or not acknowledged in time (the messages may still
-        arrive: a duplicate answer then, never a loss).
+        True when every one was written to the connected socket (and, with `wait_s`, acknowledged by the
+        broker), so whoever holds the frames may acknowledge them; False when not connected, not all written
+        or not acknowledged in time (they may still arrive: a duplicate answer then, never a loss). paho keeps
+        a written QoS 1 message until its PUBACK and sends it again after a reconnect.
         """
         deadline = time.monotonic() + wait_s
         with self._lock:
@@ -65,9 +69,9 @@ class ResultPublisher:
                 return False
             with self._loop.hold_writes():  # one corked write for the call's messages
                 infos = [self._loop.publish(topic, payload, self.qos) for topic, payload in messages]
-            if not all(i.rc == mqtt.MQTT_ERR_SUCCESS for i in infos):
+            if not all(i.rc == mqtt.MQTT_ERR_SUCCESS for i in infos) or self._loop.unsent:
                 return False
-            while not all(i.is_published() for i in infos):
+            while wait_s > 0 and not all(i.is_published() for i in infos):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

@@ -31,7 +31,6 @@ from edge_workers.runtime import load_runtime, models_dir
 logger = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "edgeq-cloud-"
-ANSWER_WAIT_S = 1.0  # infer_and_answer waits at most this long for the broker to acknowledge its results
 
 
 class CloudWorker(LearningMixin, TailMixin):
@@ -130,8 +129,9 @@ class CloudWorker(LearningMixin, TailMixin):
         `answer_by_ns` (wall clock, ns): the caller answers on its own after that.
 
         Returns (classes, confidence, published): published = (latency ms of each frame, payload bytes) once
-        the broker acknowledged every result message, so the caller may acknowledge the frames; None when
-        not (not connected, late, no PUBACK before `answer_by_ns`): the caller publishes the answers then.
+        every result message was written to the broker's connection (paho keeps each until its PUBACK and
+        re-sends it after a reconnect), so the caller may acknowledge the frames; None when not (not
+        connected, late): the caller publishes the answers then.
         """
         classes, conf = self.infer(codec, codes, n)
         if len(frames) != n:
@@ -141,8 +141,7 @@ class CloudWorker(LearningMixin, TailMixin):
             self.counts["answers_late"] += 1
             return classes, conf, None
         messages, latencies = device_messages(frames, classes, conf, "cloud", False, now_ns)
-        wait_s = min(ANSWER_WAIT_S, (answer_by_ns - now_ns) / 1e9)
-        if not self._publisher(mqtt_cfg).publish([(topic, payload) for topic, payload, _ in messages], wait_s):
+        if not self._publisher(mqtt_cfg).publish([(topic, payload) for topic, payload, _ in messages]):
             self.counts["answers_not_published"] += 1
             return classes, conf, None
         self.counts["answers_published"] += n
