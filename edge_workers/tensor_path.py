@@ -24,8 +24,11 @@ import paho.mqtt.client as mqtt
 
 from edge_workers import metrics
 from edge_workers.ingest import DrivenSubscriber, Received
+from edge_workers.offload_controller import EDGE_ONLY, OFFLOAD, Decision
 from edge_workers.routing import confidence
 from edge_workers.runtime import models_dir
+from edge_workers.split_metrics import SplitMetrics
+from edge_workers.split_planner import Option
 from edge_workers.split_runner import EdgeHead, PartRunner, find_manifest
 from edge_workers.tensor_ingest import TensorIngest, TensorItem, group
 from publishers import topics
@@ -74,6 +77,22 @@ class TensorPath:
         # Edge/cloud split: uncertain pixel frames go up as this head's tensor frames instead of codec payloads.
         self.head = (EdgeHead(self.manifest_path, cfg.uplink_cut, cfg.uplink_tensor_codec, threads=cfg.threads)
                      if cfg.uplink_cut else None)
+        self.split_metrics = SplitMetrics("edge_to_cloud")
+        self._record_choice(cfg)
+
+    def _record_choice(self, cfg) -> None:
+        """Export the configured edge -> cloud split (no controller runs in the worker yet): the head's cut and
+        codec, or the uplink codec (cut `default`), the mode and the threshold (edgeq_split_choice/mode/threshold)."""
+        option = None
+        if self.head is not None:
+            option = Option(self.head.cut_id, self.head.codec, 0.0, 0.0, self.head.frame_bytes("dev0"))
+        mode = EDGE_ONLY if cfg.policy == "edge-only" else OFFLOAD
+        self.split_metrics.record(Decision(mode, cfg.threshold, option, "initial", changed=True))
+
+    def observe_call(self, n: int, sent_s: float, now_s: float) -> None:
+        """A finished cloud call of `n` frames sent at monotonic `sent_s`: its latency, once per frame."""
+        for _ in range(n):
+            self.split_metrics.observe_latency(now_s - sent_s)
 
     def uplink(self, codes: np.ndarray, frames: list) -> list[bytes] | None:
         """The edge head's tensor frames for forwarded pixel frames (codes: uint8 [n, H*W], the raw or denoised

@@ -245,6 +245,8 @@ class EdgeWorker:
                 continue
             metrics.child(metrics.CLOUD_REQUESTS, "ok").inc()
             self.counts["cloud_ok"] += 1
+            if self.tensors is not None:  # edgeq_split_measured_latency_seconds{hop="edge_to_cloud"}
+                self.tensors.observe_call(len(call.frames), call.deadline - self.cfg.cloud_timeout_s, time.monotonic())
             # Published by the cloud actor before it returned: only acknowledge. Otherwise publish here.
             self._publish(call.frames, call.msgs, classes, conf, "cloud",
                           published=published[0] if published else None)

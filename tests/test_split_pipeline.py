@@ -166,3 +166,8 @@ def test_edge_head_sends_pixel_frames_up_as_tensor_frames_with_exact_bytes(split
     frame_bytes = len(head.encode(wire.Frame("dev0", 0, 0, np.zeros((28, 28), np.uint8), label=0)))
     assert value(m, "edgeq_payload_bytes_total", direction="edge_to_cloud") == n * frame_bytes
     assert value(m, "edgeq_cloud_received_bytes_total", codec="tensor") == n * frame_bytes
+    # The configured split and threshold, and the measured latency of every offloaded frame.
+    assert value(m, "edgeq_split_choice", hop="edge_to_cloud", cut="edge_cnn@pool2", codec="int8") == 1
+    assert value(m, "edgeq_split_threshold", hop="edge_to_cloud") == pytest.approx(0.9)
+    assert value(m, "edgeq_split_mode", hop="edge_to_cloud", mode="offload") == 1
+    assert value(m, "edgeq_split_measured_latency_seconds_count", hop="edge_to_cloud") == n
