@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 import numpy as np
 
 from edge_workers.denoise import METHODS, DenoiseConfig, Denoiser, as_unit_frames
 from edge_workers.reduce import PCA_FILE, PCAModel
 from edge_workers.runtime import models_dir
 from infra.bench import pipeline_report
+from infra.bench import pipeline as bench_pipeline
 from infra.bench.pipeline import measure
 from infra.bench.pipeline_runs import MODES, SATURATION, PipelineBenchConfig, load_name
 from infra.cli import build_parser
@@ -85,6 +88,24 @@ def test_tiny_run_accounts_for_every_frame_and_reports_consistent_tables(tmp_pat
     for table in (main, lat, tgt):
         assert "nan" not in table.text().lower()
 
+    # CPU per answered frame by process group: every phase saw the load generator and the pipeline's processes.
+    for mode, m in modes.items():
+        for p in m.probes + m.phases:
+            assert sum(p.cpu_groups.values()) >= p.cpu_s > 0, (mode, p.name)  # the groups include the load generator
+            assert {"publishers", "mosquitto", "driver"} <= set(p.cpu_groups), (mode, p.cpu_groups)
+    assert {"edge actors", "cloud actors", "results sink"} <= set(modes["edgeq"].phases[0].cpu_groups)
+    assert "ceiling subscribers" in modes["ceiling"].phases[0].cpu_groups
+    cpu = bench_pipeline.cpu_table(modes, cfg)
+    groups = [r[0] for r in cpu.rows]
+    assert {"publishers", "mosquitto", "edge actors", "cloud actors"} <= set(groups) and groups[-1] == "total"
+    assert "nan" not in cpu.text().lower()
+
+    # Repeated runs accumulate in pipeline_runs.json, one table row each.
+    for _ in range(2):
+        runs = bench_pipeline.record_run(tmp_path, modes, cfg, 1.0, (0.5, 0.7))
+    assert len(runs.rows) == 2 and runs.rows[0][4] == f"{rows['edgeq']['rate_x']:.2f}x"
+    assert runs.rows[1][5] == f"{modes['edgeq'].phase(load_name(0.5)).pct(99):.1f} ms"
+
     path = pipeline_report.write(tmp_path, modes, cfg, [main, lat, tgt], "edgeq bench pipeline (test)", 1.0)
     text = path.read_text()
     assert "| edgeq |" in text and "| cloud-only |" in text and "| ceiling |" in text
@@ -145,3 +166,31 @@ def test_saturation_is_the_best_sustained_throughput_not_the_last_sustained_prob
     find_saturation("ceiling", result, cfg, run_one, lambda line: None)
     assert [round(r) for r in asked] == [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 36204, 43054]
     assert result.best.offered == 25600 and result.saturation == 5776  # min(answered, captured) of that probe
+
+
+def test_pin_plan_puts_the_load_generator_on_its_own_cpus() -> None:
+    from infra.bench.loadgen import pin_plan
+
+    assert pin_plan("off", {0, 1, 2, 3}) is None
+    assert pin_plan("auto", {0, 1}) is None  # 2 cores: one is too large a share to take from the pipeline
+    assert pin_plan("auto", {0, 1, 2, 3}) == ({3}, {0, 1, 2})
+    assert pin_plan("1", {0, 1}) == ({1}, {0})
+    assert pin_plan("2,3", {0, 1, 2, 3}) == ({2, 3}, {0, 1})
+    for bad in ("0,1", "5", "x"):
+        with pytest.raises(ValueError, match="--pin-load"):
+            pin_plan(bad, {0, 1})
+
+
+def test_publisher_processes_run_on_the_cpus_they_are_given() -> None:
+    import os
+
+    from infra.bench.loadgen import PublisherPool
+    from publishers.config import PublishConfig
+    from publishers.mqtt import MqttConfig
+
+    cpu = max(os.sched_getaffinity(0))
+    pool = PublisherPool(MqttConfig(), PublishConfig(devices=1, data_dir=str(DATA_DIR)), 1, cpus={cpu})
+    try:
+        assert [os.sched_getaffinity(pid) for pid in pool.pids] == [{cpu}]
+    finally:
+        pool.close()

@@ -10,7 +10,11 @@
   raw message, decoded after the phase.
 - :class:`ProcessTree`: CPU seconds and resident memory of this process and
   every descendant (Mosquitto, publishers, sinks, Ray's processes and actors),
-  read from /proc, so other users of a shared machine are not counted.
+  read from /proc, so other users of a shared machine are not counted; also
+  CPU seconds per process group (publishers, sink, broker, edge and cloud
+  actors, the rest of Ray, the driver).
+- :func:`pin_plan`: which CPUs the load generator (publishers, sink) and the
+  pipeline get when the bench pins them (`os.sched_setaffinity`).
 
 Processes are started with `spawn`: the driver may hold Ray and paho threads.
 """
@@ -69,8 +73,40 @@ class PhaseReport:
     window_frames: int = 0  # frames the devices generated between `window` start and end
 
 
-def _publisher_main(conn, mqtt_cfg, pub_cfg, indices: list[int]) -> None:
+def _pin(cpus) -> None:
+    """Run this process on `cpus` only (None: leave it where it is)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def pin_plan(spec: str, usable: set[int] | None = None) -> tuple[set[int], set[int]] | None:
+    """(load generator CPUs, pipeline CPUs) for `--pin-load`, or None for no pinning.
+
+    spec: "off"; "auto" = the last usable CPU for the load generator and the others for the pipeline when
+    there are at least 4 usable CPUs (on fewer, one core is too large a share to take from the pipeline, so
+    nothing is pinned); or a comma-separated CPU list for the load generator ("3", "2,3"), the pipeline
+    getting the rest. Raises ValueError for a list that leaves the pipeline no CPU or names an unusable one.
+    """
+    usable = set(os.sched_getaffinity(0)) if usable is None else set(usable)
+    if spec == "off":
+        return None
+    if spec == "auto":
+        if len(usable) < 4:
+            return None
+        load = {max(usable)}
+    else:
+        try:
+            load = {int(c) for c in spec.split(",") if c.strip()}
+        except ValueError as err:
+            raise ValueError(f"--pin-load takes off, auto or a CPU list like 3 or 2,3; got {spec!r}") from err
+        if not load or not load <= usable or load == usable:
+            raise ValueError(f"--pin-load {spec!r}: CPUs must be some, not all, of the usable {sorted(usable)}")
+    return load, usable - load
+
+
+def _publisher_main(conn, mqtt_cfg, pub_cfg, indices: list[int], cpus=None) -> None:
     """Process body: load the replay data once, then run one phase per command until told to stop."""
+    _pin(cpus)
     from publishers.device import Device
     from publishers.run import run_devices
     from publishers.sources import load_replay_data, make_source
@@ -108,9 +144,9 @@ def _publisher_main(conn, mqtt_cfg, pub_cfg, indices: list[int]) -> None:
 
 
 class PublisherPool:
-    """`processes` publisher processes sharing `pub_cfg.devices` devices (round robin)."""
+    """`processes` publisher processes sharing `pub_cfg.devices` devices (round robin), on `cpus` if given."""
 
-    def __init__(self, mqtt_cfg, pub_cfg, processes: int):
+    def __init__(self, mqtt_cfg, pub_cfg, processes: int, cpus=None):
         if processes < 1 or pub_cfg.devices < processes:
             raise ValueError(f"need 1 <= publisher processes <= devices, got {processes} for {pub_cfg.devices}")
         self.devices = pub_cfg.devices
@@ -118,7 +154,7 @@ class PublisherPool:
         for j in range(processes):
             parent, child = _CTX.Pipe()
             indices = list(range(j, pub_cfg.devices, processes))
-            p = _CTX.Process(target=_publisher_main, args=(child, mqtt_cfg, pub_cfg, indices),
+            p = _CTX.Process(target=_publisher_main, args=(child, mqtt_cfg, pub_cfg, indices, cpus),
                              name=f"edgeq-bench-pub{j}", daemon=True)
             p.start()
             self._conns.append(parent)
@@ -159,8 +195,9 @@ class PublisherPool:
 
 # ------------------------------------------------------------------ sinks
 
-def _sink_main(conn, mqtt_cfg, topic_filter: str, client_id: str, frames: bool) -> None:
+def _sink_main(conn, mqtt_cfg, topic_filter: str, client_id: str, frames: bool, cpus=None) -> None:
     """Process body: subscribe, record every message from paho's thread, hand the records over on request."""
+    _pin(cpus)
     from publishers import mqtt as mqttlib
 
     arrivals: list[int] = []
@@ -224,11 +261,11 @@ def _results_reader(mqtt_cfg, topic_filter: str, client_id: str, record, subscri
 
 
 class Sink:
-    """A plain paho subscriber in its own process that records arrivals (frames: capture times too)."""
+    """A subscriber in its own process (on `cpus` if given) that records arrivals (frames: capture times too)."""
 
-    def __init__(self, mqtt_cfg, topic_filter: str, client_id: str, frames: bool):
+    def __init__(self, mqtt_cfg, topic_filter: str, client_id: str, frames: bool, cpus=None):
         self._conn, child = _CTX.Pipe()
-        self._proc = _CTX.Process(target=_sink_main, args=(child, mqtt_cfg, topic_filter, client_id, frames),
+        self._proc = _CTX.Process(target=_sink_main, args=(child, mqtt_cfg, topic_filter, client_id, frames, cpus),
                                   name=client_id, daemon=True)
         self._proc.start()
         _reply(self._conn, self._proc, f"sink {client_id} start")
@@ -288,31 +325,67 @@ def descendants(root: int, stats: dict[int, tuple[int, float, int]]) -> set[int]
     return seen
 
 
+def process_group(pid: int) -> str:
+    """What a process of the bench's tree is, from its command line: mosquitto, edge actor, cloud actor, or
+    the rest of Ray (GCS, raylet, idle workers, agents) and anything else."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "other"
+    first = cmd[0].decode(errors="replace") if cmd else ""
+    if first.rsplit("/", 1)[-1] == "mosquitto":
+        return "mosquitto"
+    if first.startswith("ray::EdgeWorker"):
+        return "edge actors"
+    if first.startswith("ray::CloudWorker"):
+        return "cloud actors"
+    return "ray, other"
+
+
 class ProcessTree:
-    """CPU seconds and peak summed RSS of this process and its descendants, minus `exclude` pids.
+    """CPU seconds and peak summed RSS of this process and its descendants, minus `exclude` pids; and CPU
+    seconds per process group of the whole tree, excluded pids too (`cpu_by_group`).
 
     Sampled every `interval_s` by a thread between `start()` and `stop()`;
     CPU of a process that exits between samples counts up to its last sample.
+    roles: pid -> group name for processes known by pid (the driver, publishers, sinks; the children of
+    publishers and sinks inherit it); every other process is grouped by `process_group`.
     """
 
-    def __init__(self, exclude: tuple[int, ...] = (), interval_s: float = 1.0):
+    def __init__(self, exclude: tuple[int, ...] = (), interval_s: float = 1.0, roles: dict[int, str] | None = None):
         self.exclude, self.interval_s = set(exclude), interval_s
+        self.roles = dict(roles or {})
         self._first: dict[int, float] = {}
         self._baseline = True
         self._last: dict[int, float] = {}
+        self._group: dict[int, str] = {}
         self.peak_rss = 0
+        self.cpu_by_group: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="proc-tree", daemon=True)
 
+    def _group_of(self, pid: int, stats) -> str:
+        group = self._group.get(pid)
+        if group is None:
+            p, seen, me = pid, 0, os.getpid()
+            while p in stats and p not in self.roles and p != me and seen < 64:  # up to a process of known role
+                p, seen = stats[p][0], seen + 1
+            # The driver's role is its own: what it started (broker, Ray) is grouped by what it is.
+            role = self.roles.get(p) if p == pid or p != me else None
+            group = self._group[pid] = role or process_group(pid)
+        return group
+
     def _sample(self) -> None:
         stats = proc_stats()
-        pids = descendants(os.getpid(), stats) - self.exclude
+        pids = descendants(os.getpid(), stats)
         rss = 0
         for pid in pids:
             _, cpu, r = stats[pid]
             self._first.setdefault(pid, cpu if self._baseline else 0.0)
             self._last[pid] = cpu
-            rss += r
+            self._group_of(pid, stats)
+            if pid not in self.exclude:
+                rss += r
         self.peak_rss = max(self.peak_rss, rss)
 
     def _run(self) -> None:
@@ -326,9 +399,13 @@ class ProcessTree:
         return self
 
     def stop(self) -> tuple[float, int]:
-        """(cpu seconds, peak rss bytes) since start."""
+        """(cpu seconds of the pids not excluded, peak rss bytes) since start; fills `cpu_by_group`."""
         self._stop.set()
         self._thread.join(timeout=5)
         self._sample()
-        cpu = sum(self._last[p] - self._first.get(p, 0.0) for p in self._last)
-        return cpu, self.peak_rss
+        used = {p: self._last[p] - self._first.get(p, 0.0) for p in self._last}
+        self.cpu_by_group = {}
+        for pid, cpu in used.items():
+            g = self._group[pid]
+            self.cpu_by_group[g] = self.cpu_by_group.get(g, 0.0) + cpu
+        return sum(cpu for p, cpu in used.items() if p not in self.exclude), self.peak_rss

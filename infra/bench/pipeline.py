@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import json
 import logging
 import os
+import subprocess
 import shlex
 import sys
 import time
@@ -123,7 +126,8 @@ def _run_phases(mode: str, result: ModeResult, cfg: PipelineBenchConfig, rates: 
         _report(mode, p, progress)
 
 
-def run_tiers(mode: str, cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progress: Progress) -> ModeResult:
+def run_tiers(mode: str, cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progress: Progress,
+              load_cpus=None) -> ModeResult:
     """edgeq or cloud-only: cloud and edge actors in a namespace of their own, a results sink, the phases."""
     from cloud_workers.config import CloudConfig, RayConfig
     from edge_workers.config import EdgeConfig
@@ -144,7 +148,7 @@ def run_tiers(mode: str, cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progre
         stack.callback(cluster.stop_tier, cloud)
         edge = cluster.start_edge(edge_cfg, mqtt_cfg, ray_cfg, cloud.names)
         stack.callback(cluster.stop_tier, edge, "stop")
-        sink = Sink(mqtt_cfg, topics.RESULTS_FILTER, f"edgeq-bench-results-{mode}", frames=False)
+        sink = Sink(mqtt_cfg, topics.RESULTS_FILTER, f"edgeq-bench-results-{mode}", frames=False, cpus=load_cpus)
         stack.callback(sink.close)
         exclude = (os.getpid(), sink.pid, *pool.pids)
         _run_phases(mode, result, cfg, rates, lambda name, offered, seconds: run_tier_phase(
@@ -152,7 +156,7 @@ def run_tiers(mode: str, cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progre
     return result
 
 
-def run_ceiling(cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progress: Progress) -> ModeResult:
+def run_ceiling(cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progress: Progress, load_cpus=None) -> ModeResult:
     """Plain paho subscribers in a shared subscription, one per edge actor, only recording arrivals."""
     from infra.bench.loadgen import Sink
     from publishers import topics
@@ -163,7 +167,7 @@ def run_ceiling(cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progress: Progr
     try:
         for i in range(cfg.edge_actors):
             sinks.append(Sink(mqtt_cfg, topics.shared(topics.FRAMES_FILTER, "edgeq-bench-ceiling"),
-                              f"edgeq-bench-ceiling-{i}", frames=True))
+                              f"edgeq-bench-ceiling-{i}", frames=True, cpus=None))  # the ceiling's pipeline
         exclude = (os.getpid(), *pool.pids)
         _run_phases("ceiling", result, cfg, rates, lambda name, offered, seconds: run_ceiling_phase(
             name, offered, seconds, pool, sinks, exclude, cfg), progress)
@@ -173,8 +177,14 @@ def run_ceiling(cfg: PipelineBenchConfig, mqtt_cfg, pool, rates, progress: Progr
     return result
 
 
-def measure(cfg: PipelineBenchConfig, progress: Progress) -> dict[str, ModeResult]:
-    """Run edgeq, cloud-only and the ceiling against one broker and one publisher pool."""
+def measure(cfg: PipelineBenchConfig, progress: Progress, pin: tuple[set[int], set[int]] | None = None
+            ) -> dict[str, ModeResult]:
+    """Run edgeq, cloud-only and the ceiling against one broker and one publisher pool.
+
+    pin: (load generator CPUs, pipeline CPUs) from `loadgen.pin_plan`: the publishers and the results sink
+    run on the first, this driver and what it starts (Mosquitto, Ray and its actors, the ceiling's
+    subscribers) on the second; None = no pinning.
+    """
     import ray
 
     from cloud_workers.config import RayConfig
@@ -185,24 +195,113 @@ def measure(cfg: PipelineBenchConfig, progress: Progress) -> dict[str, ModeResul
     from publishers.mqtt import MqttConfig
 
     out: dict[str, ModeResult] = {}
+    load_cpus = None
     with contextlib.ExitStack() as stack:
+        if pin is not None:
+            load_cpus, pipeline_cpus = pin
+            stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
+            os.sched_setaffinity(0, pipeline_cpus)  # inherited by everything started from here
+            progress(f"[bench] load generator on CPUs {sorted(load_cpus)}, pipeline on {sorted(pipeline_cpus)}")
         broker = stack.enter_context(MosquittoBroker())
         mqtt_cfg = MqttConfig(host=broker.host, port=broker.port, qos=cfg.qos)
         pub_cfg = PublishConfig(devices=cfg.devices, data_dir=cfg.data_dir, noise=cfg.noise, seed=cfg.seed)
-        pool = PublisherPool(mqtt_cfg, pub_cfg, cfg.publishers)
+        pool = PublisherPool(mqtt_cfg, pub_cfg, cfg.publishers, cpus=load_cpus)
         stack.callback(pool.close)
         progress(f"[bench] mosquitto on {broker.address}, {cfg.devices} devices in {cfg.publishers} "
                  f"publisher processes, QoS {cfg.qos}")
         started = cluster.connect(RayConfig(), 2 * cfg.edge_actors, 2 * cfg.cloud_actors)
         try:
-            out["edgeq"] = run_tiers("edgeq", cfg, mqtt_cfg, pool, None, progress)
+            out["edgeq"] = run_tiers("edgeq", cfg, mqtt_cfg, pool, None, progress, load_cpus)
             rates = [f * out["edgeq"].saturation for f in cfg.loads]
-            out["cloud-only"] = run_tiers("cloud-only", cfg, mqtt_cfg, pool, rates, progress)
+            out["cloud-only"] = run_tiers("cloud-only", cfg, mqtt_cfg, pool, rates, progress, load_cpus)
         finally:
             if started:
                 ray.shutdown()
-        out["ceiling"] = run_ceiling(cfg, mqtt_cfg, pool, rates, progress)
+        out["ceiling"] = run_ceiling(cfg, mqtt_cfg, pool, rates, progress, load_cpus)
     return {m: out[m] for m in MODES}
+
+
+# ------------------------------------------------------------------ report
+
+CPU_GROUPS = ("publishers", "results sink", "ceiling subscribers", "mosquitto", "edge actors", "cloud actors",
+              "ray, other", "driver")
+
+
+def cpu_table(modes: dict[str, ModeResult], cfg: PipelineBenchConfig, pin=None):
+    """CPU microseconds per answered frame of each process group, per mode, in the phase whose CPU the
+    summary reports (50 % of edgeq's rate); the load generator (publishers, results sink) included."""
+    from infra.bench.pipeline_report import cost_phase
+    from infra.bench.report import Table
+
+    phase = cost_phase(cfg)
+    pinned = (f"publishers and results sink pinned to CPUs {sorted(pin[0])}, the rest to {sorted(pin[1])}"
+              if pin else "nothing pinned (`--pin-load`)")
+    table = Table(f"CPU per answered frame by process group at {phase} of edgeq's rate (us)",
+                  ["process group", *MODES],
+                  note=f"Read from /proc over the phase, publishing and draining. The publishers and the results "
+                       f"sink are the load generator: the summary's CPU column leaves them out. {pinned}.")
+    phases = {m: modes[m].phase(phase) for m in MODES}
+    used = [g for g in CPU_GROUPS if any(p is not None and g in p.cpu_groups for p in phases.values())]
+    extra = sorted({g for p in phases.values() if p is not None for g in p.cpu_groups} - set(CPU_GROUPS))
+
+    def cell(m: str, value) -> str:
+        p = phases[m]
+        return "n/a" if p is None or not p.answered else f"{1e6 * value(p) / p.answered:,.1f}"
+
+    for g in used + extra:
+        table.add(g, *(cell(m, lambda p, g=g: p.cpu_groups.get(g, 0.0)) for m in MODES))
+    table.add("total", *(cell(m, lambda p: sum(p.cpu_groups.values())) for m in MODES))
+    return table
+
+
+HISTORY = "pipeline_runs.json"  # every run's headline figures, next to pipeline.md
+
+
+def record_run(out_dir: Path, modes: dict[str, ModeResult], cfg: PipelineBenchConfig, elapsed_s: float,
+               load: tuple[float, float] | None):
+    """Append this run's headline figures to out_dir/pipeline_runs.json; return the table of every run in it
+    (newest last), so repeated runs of one commit are compared in pipeline.md."""
+    from infra.bench.pipeline_report import summary_rows, targets
+    from infra.bench.report import Table
+    from modelstore.files import write_text_atomic
+
+    path = Path(out_dir) / HISTORY
+    try:
+        history = json.loads(path.read_text()) if path.exists() else []
+    except (OSError, ValueError):
+        history = []
+    rows, met = summary_rows(modes, cfg), targets(modes, cfg)
+    half = modes["edgeq"].phase(load_name(0.5))
+    history.append({
+        "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+        "edgeq": round(modes["edgeq"].saturation, 1), "ceiling": round(modes["ceiling"].saturation, 1),
+        "x_ceiling": None if rows["edgeq"]["rate_x"] is None else round(rows["edgeq"]["rate_x"], 3),
+        "p99_half_ms": None if half is None else round(half.pct(99), 1),
+        "targets_met": all(m[3] for m in met), "seconds": round(elapsed_s), "load": list(load or ()),
+    })
+    write_text_atomic(path, json.dumps(history, indent=1) + "\n")
+    table = Table("Every run recorded in pipeline_runs.json (newest last)",
+                  ["UTC", "commit", "edgeq frames/s", "ceiling frames/s", "x ceiling", "p99 at 50 %", "load avg",
+                   "all targets"])
+    for r in history:
+        table.add(r["utc"], r["commit"], f"{r['edgeq']:,.0f}", f"{r['ceiling']:,.0f}",
+                  "n/a" if r["x_ceiling"] is None else f"{r['x_ceiling']:.2f}x",
+                  "n/a" if r["p99_half_ms"] is None else f"{r['p99_half_ms']:.1f} ms",
+                  " -> ".join(f"{x:.1f}" for x in r["load"]) or "n/a", "yes" if r["targets_met"] else "NO")
+    return table
+
+
+def _commit() -> str:
+    """The checkout's short commit, with `+changes` when tracked files differ from it ("unknown" outside git)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+changes" if dirty else "")
 
 
 # ------------------------------------------------------------------ CLI
@@ -232,6 +331,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", default=d.noise, help="device noise: none, gaussian, salt-pepper, ...")
     p.add_argument("--data-dir", default=d.data_dir)
     p.add_argument("--out-dir", default=d.out_dir, help='where pipeline.md and the plot go ("" = print only)')
+    p.add_argument("--pin-load", default="auto", metavar="off|auto|CPUS",
+                   help="run the publishers and the results sink on their own CPUs (os.sched_setaffinity), the "
+                        "pipeline on the others: a CPU list (e.g. 3 or 2,3), off, or auto = the last CPU when at "
+                        "least 4 are usable (default; on fewer nothing is pinned)")
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineBenchConfig:
@@ -249,16 +352,20 @@ def config_from_args(args: argparse.Namespace) -> PipelineBenchConfig:
 def run(args: argparse.Namespace, progress: Progress) -> str:
     from infra.bench import pipeline_report
 
+    from infra.bench.loadgen import pin_plan
+
     cfg = config_from_args(args)
+    pin = pin_plan(getattr(args, "pin_load", "off"))
     t0, load0 = time.monotonic(), os.getloadavg()[0]
-    modes = measure(cfg, progress)
+    modes = measure(cfg, progress, pin)
     elapsed, load = time.monotonic() - t0, (load0, os.getloadavg()[0])
     command = "edgeq bench pipeline " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 3 \
         else "edgeq bench pipeline"
-    tables = pipeline_report.tables(modes, cfg)
+    tables = [*pipeline_report.tables(modes, cfg), cpu_table(modes, cfg, pin)]
     text = "\n\n".join(t.text() for t in tables) + (f"\n\n(run took {elapsed:.0f}s; load average "
                                                      f"{load[0]:.1f} at the start, {load[1]:.1f} at the end)")
     if cfg.out_dir:
+        tables.append(record_run(Path(cfg.out_dir), modes, cfg, elapsed, load))
         path = pipeline_report.write(Path(cfg.out_dir), modes, cfg, tables, command.strip(), elapsed, load)
         text += f"\nwritten to {path}"
     return text

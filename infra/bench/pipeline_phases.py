@@ -1,4 +1,5 @@
-"""One phase of `edgeq bench pipeline`: publish at a rate, collect every answer, measure rates, latency, CPU.
+"""One phase of `edgeq bench pipeline`: publish at a rate, collect every answer, measure rates, latency, CPU
+(in total and per process group).
 
 A phase ends when every frame the broker acknowledged is answered (or counted
 as dropped by the edge), or when nothing arrived for QUIET_S seconds, bounded
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,6 +45,7 @@ class Phase:
     correct: int = 0
     tiers: collections.Counter = field(default_factory=collections.Counter)
     captured_rate: float = 0.0  # frames/s the devices actually generated in the steady window
+    cpu_groups: dict = field(default_factory=dict)  # CPU seconds per process group, load generator included
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latency_ms, q)) if len(self.latency_ms) else float("nan")
@@ -128,6 +131,11 @@ def _wait_quiet(take: Callable[[], int], done: Callable[[], bool], timeout: floa
         time.sleep(POLL_S)
 
 
+def _roles(pool, sinks: dict[int, str]) -> dict[int, str]:
+    """Process groups known by pid: this driver, the publisher processes, the sinks."""
+    return {os.getpid(): "driver", **{pid: "publishers" for pid in pool.pids}, **sinks}
+
+
 def _edge_counts(edge) -> collections.Counter:
     import ray
 
@@ -142,7 +150,7 @@ def run_tier_phase(name, offered, seconds, pool, sink, edge, exclude, cfg) -> Ph
     from infra.bench.loadgen import ProcessTree
 
     before = _edge_counts(edge)
-    tree = ProcessTree(exclude).start()
+    tree = ProcessTree(exclude, roles=_roles(pool, {sink.pid: "results sink"})).start()
     t0 = time.time_ns()
     rep = pool.run(f"ph{next(_PHASE_IDS)}-d", offered, seconds, cfg.warmup_s)
     answers = _Answers()
@@ -164,14 +172,14 @@ def run_tier_phase(name, offered, seconds, pool, sink, edge, exclude, cfg) -> Ph
     return Phase(name, offered, rep.seconds, rep.acked, rep.bytes_sent, len(answers.seen),
                  answers.result_count - len(answers.seen), dropped[0], rate, lat, cpu, rss,
                  counts.get("bytes_edge_to_cloud", 0), answers.bytes, answers.labelled, answers.correct, answers.tiers,
-                 _captured_rate(rep, cfg, seconds))
+                 _captured_rate(rep, cfg, seconds), tree.cpu_by_group)
 
 
 def run_ceiling_phase(name, offered, seconds, pool, sinks, exclude, cfg) -> Phase:
     """One phase of the ceiling: publish, count what the plain subscribers received."""
     from infra.bench.loadgen import ProcessTree
 
-    tree = ProcessTree(exclude).start()
+    tree = ProcessTree(exclude, roles=_roles(pool, {s.pid: "ceiling subscribers" for s in sinks})).start()
     t0 = time.time_ns()
     rep = pool.run(f"ph{next(_PHASE_IDS)}-d", offered, seconds, cfg.warmup_s)
     arrivals, captures, nbytes = [], [], [0]
@@ -192,4 +200,4 @@ def run_ceiling_phase(name, offered, seconds, pool, sinks, exclude, cfg) -> Phas
     arrival, capture = np.concatenate(arrivals), np.concatenate(captures)
     rate, lat = _steady(arrival, capture, (arrival - capture) / 1e6, t0, cfg, seconds)
     return Phase(name, offered, rep.seconds, rep.acked, rep.bytes_sent, len(arrival), 0, 0, rate, lat, cpu, rss,
-                 0, nbytes[0], captured_rate=_captured_rate(rep, cfg, seconds))
+                 0, nbytes[0], captured_rate=_captured_rate(rep, cfg, seconds), cpu_groups=tree.cpu_by_group)
