@@ -154,8 +154,9 @@ class TailMixin:
             self.counts["answers_late"] += 1
             return classes, conf, None
         messages, latencies = device_messages(frames, classes, conf, "cloud", False, now_ns)
-        wait_s = min(1.0, (answer_by_ns - now_ns) / 1e9)
-        if not self._publisher(mqtt_cfg).publish([(topic, payload) for topic, payload, _ in messages], wait_s):
+        # Written to the connection, not waiting for the PUBACK (paho re-sends it after a reconnect), as
+        # infer_and_answer does since a3400e7.
+        if not self._publisher(mqtt_cfg).publish([(topic, payload) for topic, payload, _ in messages]):
             self.counts["answers_not_published"] += 1
             return classes, conf, None
         self.counts["answers_published"] += len(payloads)
