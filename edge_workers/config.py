@@ -60,6 +60,14 @@ class EdgeConfig:
     # edge forwards go up as the head's tensor frames (codec uplink_tensor_codec) and the cloud runs the tail.
     uplink_cut: str = ""
     uplink_tensor_codec: str = "int8"
+    # Adaptive offload (docs/partition.md, the controller in the worker): under policy confidence, an
+    # OffloadController lowers the threshold (fewer frames to the cloud) while the uplink to the cloud (kbit/s,
+    # 1 kbit = 1000 bit) or the p99 of this actor's answers (ms) is over budget, raises it back toward `threshold`
+    # when underused, and answers at the edge only after consecutive cloud failures. Both None: off.
+    uplink_budget_kbps: float | None = None
+    p99_budget_ms: float | None = None
+    control_period_s: float = 1.0     # one control tick (and measurement window) per this many seconds
+    control_dwell_s: float = 5.0      # no two threshold changes closer than this (ControllerConfig.min_period_s)
 
     def __post_init__(self) -> None:
         if self.actors < 1:
@@ -86,5 +94,12 @@ class EdgeConfig:
         if self.uplink_cut and (not self.partitions or self.codec not in ("raw", "denoised")):
             raise ConfigError(f"edge.uplink_cut needs edge.partitions and edge.codec raw or denoised, got "
                               f"partitions={self.partitions!r}, codec={self.codec!r}")
+        for name in ("uplink_budget_kbps", "p99_budget_ms"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < float("inf"):
+                raise ConfigError(f"edge.{name} must be > 0 (or unset), got {v}")
+        if not 0 < self.control_period_s <= self.control_dwell_s or self.control_dwell_s == float("inf"):
+            raise ConfigError(f"need 0 < edge.control_period_s <= edge.control_dwell_s (finite), got "
+                              f"{self.control_period_s}, {self.control_dwell_s}")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"edge.metrics_port must be a port number, got {self.metrics_port}")

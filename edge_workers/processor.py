@@ -71,6 +71,7 @@ class EdgeProcessor:
 
     def __init__(self, cfg: EdgeConfig):
         self.cfg = cfg
+        self.threshold = cfg.threshold  # frames with confidence below it go to the cloud; set at run time by the offload loop
         mdir = models_dir(cfg.models_dir)
         pca = PCAModel.load(mdir / PCA_FILE)
         self.denoiser = Denoiser(DenoiseConfig(method=cfg.denoise), pca)
@@ -118,7 +119,7 @@ class EdgeProcessor:
         elif policy == "cloud-only":
             to_cloud = np.ones(n, dtype=bool)
         else:
-            to_cloud = conf < self.cfg.threshold
+            to_cloud = conf < self.threshold
         if to_cloud.any():
             everything = bool(to_cloud.all())  # cloud-only: no copies of the whole batch
             uplink = self.codec.compute_codes(

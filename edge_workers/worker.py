@@ -32,6 +32,7 @@ from edge_workers.answers import FrameRef, device_messages
 from edge_workers.config import EdgeConfig
 from edge_workers.ingest import DrivenSubscriber, Received, decode_frame
 from edge_workers.learning import TrainingForwarder
+from edge_workers.offload_loop import OffloadLoop
 from edge_workers.processor import EdgeProcessor, FrameRejected, frame_pixels
 from publishers import topics
 from publishers.errors import FrameDecodeError
@@ -62,6 +63,10 @@ class PendingCall:
     attempt: int = 1
     tensors: list | None = None  # tensor frame payloads (bytes) instead of codes: edge_workers.tensor_path
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.codes) if self.tensors is None else sum(map(len, self.tensors))
+
 
 class EdgeWorker:
     """Plain class; `infra.cluster` wraps it with `ray.remote` and the `edge` resource."""
@@ -85,6 +90,7 @@ class EdgeWorker:
         self._next_cloud = 0
         self.counts: collections.Counter[str] = collections.Counter()
         self.pending: collections.deque[PendingCall] = collections.deque()
+        self.offload = OffloadLoop.for_worker(self)  # the threshold under edge.uplink_budget_kbps/p99_budget_ms
         self.metrics_port = None
         if serve_metrics:
             from edge_workers.metrics_server import serve_metrics as serve
@@ -130,6 +136,7 @@ class EdgeWorker:
         out["queue_depth"] = self.sub.queue.qsize()
         out.update({f"dropped.{k}": v for k, v in dict(self.sub.dropped).items()})  # copy: paho's thread adds keys
         out["pending_cloud_calls"] = len(self.pending)
+        out["threshold"] = float(self.processor.threshold)  # the routing threshold applied now
         out["acked"] = self.sub.acks
         out["rss_bytes"] = rss_bytes()
         if self.learning:
@@ -211,7 +218,7 @@ class EdgeWorker:
         self.pending.append(PendingCall(ref, frames, msgs, classes, conf, codes, time.monotonic() + timeout, index,
                                         attempt, tensors))
         # Bytes count every send (a retry moves them again); frames count once.
-        nbytes = len(codes) if tensors is None else sum(map(len, tensors))
+        nbytes = self.pending[-1].nbytes
         metrics.child(metrics.PAYLOAD_BYTES, "edge_to_cloud").inc(nbytes)
         self.counts["bytes_edge_to_cloud"] += nbytes
         if attempt == 1:
@@ -245,6 +252,7 @@ class EdgeWorker:
                 continue
             metrics.child(metrics.CLOUD_REQUESTS, "ok").inc()
             self.counts["cloud_ok"] += 1
+            self.offload.on_call_done(call.nbytes, call.deadline - self.cfg.cloud_timeout_s, time.monotonic())
             if self.tensors is not None:  # edgeq_split_measured_latency_seconds{hop="edge_to_cloud"}
                 self.tensors.observe_call(len(call.frames), call.deadline - self.cfg.cloud_timeout_s, time.monotonic())
             # Published by the cloud actor before it returned: only acknowledge. Otherwise publish here.
@@ -254,6 +262,7 @@ class EdgeWorker:
     def _fallback(self, call: PendingCall, outcome: str) -> None:
         """The cloud did not answer: retry once on the next actor, else answer with the edge's prediction."""
         self.counts[f"cloud_{outcome}"] += 1
+        self.offload.on_call_failed()
         if call.attempt == 1 and len(self._clouds) > 1:
             try:
                 self._submit(call.frames, call.msgs, call.codes, call.edge_classes, call.edge_conf, attempt=2,
@@ -302,6 +311,7 @@ class EdgeWorker:
                 if batch:
                     with self.sub.hold_writes():  # the batch's results and acks leave in one send
                         self._handle(batch)
+                self.offload.maybe_tick()
                 if self.pending:
                     with self.sub.hold_writes():
                         self._poll_cloud(block=len(self.pending) >= MAX_PENDING_CLOUD_CALLS or draining)
@@ -376,6 +386,7 @@ class EdgeWorker:
                 logger.warning("cannot reach the cloud: %s", err)
                 metrics.child(metrics.CLOUD_REQUESTS, "error").inc()
                 self.counts["cloud_error"] += 1
+                self.offload.on_call_failed()
                 self._answer_degraded(up_frames, up_msgs, d.classes[up], d.confidences[up])
 
     def _publish(self, frames: list[Frame], msgs: list[Received], classes, conf, tier: str,
@@ -400,6 +411,7 @@ class EdgeWorker:
             for msg in msgs:
                 self.sub.ack(msg)
             self.counts["results.published_by_cloud"] += len(frames)
+        self.offload.on_answers(latencies)
         latency = metrics.child(metrics.E2E_LATENCY, tier)
         outcomes: collections.Counter[str] = collections.Counter()
         for frame, cls, latency_ms in zip(frames, classes, latencies, strict=True):

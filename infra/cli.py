@@ -117,6 +117,14 @@ def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = T
                        help="seconds before a cloud call falls back to a degraded edge answer (default 2)")
         g.add_argument("--edge-metrics-port", dest="edge__metrics_port", metavar="METRICS_PORT", type=int,
                        help="edge worker i serves metrics on this port + i; 0 = any free port (default 9601)")
+        g.add_argument("--uplink-budget-kbps", dest="edge__uplink_budget_kbps", metavar="KBPS", type=float,
+                       help="adaptive offload: lower the threshold while an edge actor's uplink to the cloud exceeds "
+                       "this many kbit/s (default: no budget; docs/partition.md)")
+        g.add_argument("--p99-budget-ms", dest="edge__p99_budget_ms", metavar="MS", type=float,
+                       help="adaptive offload: lower the threshold while the p99 of an edge actor's answers exceeds "
+                       "this (default: no budget)")
+        g.add_argument("--control-period", dest="edge__control_period_s", metavar="SECONDS", type=float,
+                       help="adaptive offload: seconds per control tick and measurement window (default 1)")
     if cloud:
         g = p.add_argument_group("cloud workers (config section `cloud`, env EDGEQ_CLOUD__*)")
         g.add_argument("--cloud-actors", dest="cloud__actors", metavar="ACTORS", type=int, help="cloud worker actors (default 1)")
