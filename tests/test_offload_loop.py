@@ -186,3 +186,19 @@ def test_edge_actor_under_a_tiny_uplink_budget_lowers_its_threshold_and_its_upli
     assert value(m, "edgeq_split_threshold", hop="edge_to_cloud") <= 0.8
     assert value(m, "edgeq_split_decisions_total", reason="over_budget", changed="true") >= 1
     assert value(m, "edgeq_split_budget_utilisation_ratio", hop="edge_to_cloud") >= 0
+
+
+def test_budgets_from_the_command_line_the_environment_and_the_example_config() -> None:
+    from infra.cli import _apply_sections, build_parser
+    from infra.config import load_config
+    from tests.conftest import REPO
+
+    for command in ("edge", "demo"):
+        args = build_parser().parse_args([command, "--uplink-budget-kbps", "5", "--p99-budget-ms", "40",
+                                          "--control-period", "0.5"])
+        edge = _apply_sections(load_config(None, {}), args).edge
+        assert (edge.uplink_budget_kbps, edge.p99_budget_ms, edge.control_period_s) == (5.0, 40.0, 0.5)
+    edge = load_config(None, {"EDGEQ_EDGE__UPLINK_BUDGET_KBPS": "2.5"}).edge
+    assert edge.uplink_budget_kbps == 2.5 and edge.p99_budget_ms is None
+    edge = load_config(REPO / "infra" / "edgeq.example.yaml", {}).edge
+    assert edge.uplink_budget_kbps is None and edge.p99_budget_ms is None and edge.control_dwell_s == 5.0
