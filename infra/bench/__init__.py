@@ -17,6 +17,8 @@ from typing import Callable
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "qcnn": ("infra.bench.qcnn", "Q-CNN vs float and int8 onnxruntime: size, accuracy, latency, K/dsub sweep"),
     "pipeline": ("infra.bench.pipeline", "edgeq vs cloud-only vs the MQTT ceiling: frames/s, latency, CPU, bytes"),
+    "partition": ("infra.bench.partition", ("split computing over emulated links: all-edge, all-cloud, confidence, "
+                                            "fixed splits, the planner's choice; p50/p99, bytes, accuracy, CPU")),
     "chaos": ("infra.bench.chaos", "a fixed stream through broker restarts and actor kills: sent, answered, lost"),
 }
 

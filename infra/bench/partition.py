@@ -1,13 +1,10 @@
-"""`edgeq bench partition`: split computing over emulated links; today the link checks and the harness, pipeline modes pending.
+"""`edgeq bench partition`: split computing over emulated links: the link checks, then the pipeline modes per link.
 
-What runs now: each emulated link (``infra.bench.links``) is checked against a timed echo and
-transfer, and the results page docs/results/partition.md is written with the measured error per
-link. The pieces for the pipeline runs are here too: the fixed-split candidates per link
-(``fixed_candidates``), the real-time control loop of the adaptive run (``run_adaptive``: it ticks
-an ``OffloadController`` on the wall clock, changes the link on a schedule, and records each
-tick), and the tables, targets and plots (``partition_report``). What the pipeline modes need,
-the split wiring of the edge and cloud workers, is being built elsewhere: until it lands,
-``--check-links-only`` is the only mode and anything else is refused with that reason.
+Each emulated link (``infra.bench.links``) is checked against a timed echo and transfer. Then, per link, the
+pipeline modes of ``infra.bench.partition_modes`` run in turn with the devices behind the link (all-edge, all-cloud,
+confidence routing, the best fixed split, the planner's choice), and docs/results/partition.md gets the tables,
+the issue's targets with their ratios, and the latency plot. The adaptive run over a changing link has its control
+loop here (``run_adaptive``) but is not wired to the workers yet: it is reported as not measured.
 Benchmark modules import only the standard library and numpy at top level.
 """
 
@@ -27,17 +24,25 @@ from infra.bench.partition_report import AdaptivePoint, AdaptiveRun, link_check_
 Progress = Callable[[str], None]
 OUT_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
 PAGE = "partition.md"
-PENDING = ("the pipeline modes (all-edge, all-cloud, confidence routing, best fixed split, the planner's choice, "
-           "the adaptive run) need the split wiring of the edge and cloud workers (issue 15), which is not in "
-           "the workers yet; run with --check-links-only")
+ADAPTIVE_PENDING = ("the adaptive run (the link changing mid-stream, the controller's choice following it) is not "
+                    "done: run_adaptive's measure/apply hooks are not wired to the edge workers")
+QUICK = {"seconds": 3.0, "transfer_s": 1.0, "pings": 10}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     names = ", ".join(s.name for s in BENCH_LINKS)
     p.add_argument("--links", help=f"comma-separated emulated links (default all: {names})")
-    p.add_argument("--transfer-s", type=float, default=4.0, help="seconds of each timed transfer per link (default 4)")
-    p.add_argument("--pings", type=int, default=30, help="echoes per link for the RTT (default 30)")
+    p.add_argument("--transfer-s", type=float, help="seconds of each timed transfer per link (default 4)")
+    p.add_argument("--pings", type=int, help="echoes per link for the RTT (default 30)")
     p.add_argument("--check-links-only", action="store_true", help="only check the emulated links' accuracy")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short run: {QUICK['seconds']:g} s per mode, {QUICK['transfer_s']:g} s transfers")
+    p.add_argument("--seconds", type=float, help="publishing time per mode (default 10)")
+    p.add_argument("--rate", type=float, default=100.0, help="frames/s offered per mode, in total (default 100)")
+    p.add_argument("--devices", type=int, default=4, help="devices sharing the rate (default 4)")
+    p.add_argument("--cuts", help="fixed-split candidates, cut points of edge_cnn (default pool2,fc1)")
+    p.add_argument("--modes", help="comma-separated modes (default all-edge,all-cloud,confidence,"
+                                   "best-fixed-split,planner)")
     p.add_argument("--uplink-budget-kbps", type=float, help="adaptive run: uplink budget, kbit/s")
     p.add_argument("--p99-budget-ms", type=float, help="adaptive run: end-to-end p99 budget, ms")
     p.add_argument("--out-dir", help=f"where to write {PAGE} (default {OUT_DIR})")
@@ -115,9 +120,12 @@ def _split(option) -> str:
 def command_line(args: argparse.Namespace) -> str:
     from infra.bench import BENCHMARKS
 
-    registered = "partition" in BENCHMARKS  # not yet: registering it waits for the pipeline modes
+    registered = "partition" in BENCHMARKS
     words = ["edgeq", "bench", "partition"] if registered else ["python", "-m", "infra.bench.partition"]
-    for opt in ("links", "transfer_s", "pings", "uplink_budget_kbps", "p99_budget_ms"):
+    if getattr(args, "quick", False):
+        words.append("--quick")
+    for opt in ("links", "transfer_s", "pings", "seconds", "rate", "devices", "cuts", "modes", "uplink_budget_kbps",
+                "p99_budget_ms"):
         value = getattr(args, opt, None)
         if value is not None:
             words += ["--" + opt.replace("_", "-"), str(value)]
@@ -126,45 +134,100 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def run(args: argparse.Namespace, progress: Progress) -> str:
-    from infra.bench.report import machine_info, write_markdown
+def _settings(args: argparse.Namespace):
+    """(transfer_s, pings, ModesConfig) from the arguments, --quick filling what is not given."""
+    from infra.bench.partition_modes import ModesConfig
+    from infra.bench.partition_report import MODES
 
-    if not args.check_links_only:
-        raise RuntimeError(PENDING)
-    specs = select_links(args.links)
-    load0 = os.getloadavg()[0]
-    checks: list[LinkCheck] = []
-    for spec in specs:
-        progress(f"link {spec.name}: {args.pings} echoes, {args.transfer_s:g} s up and down")
-        checks.append(check_link(spec, args.transfer_s, args.pings))
-    load1 = os.getloadavg()[0]
-    table = link_check_table(checks)
-    notes = [
+    quick = QUICK if getattr(args, "quick", False) else {"seconds": 10.0, "transfer_s": 4.0, "pings": 30}
+    pick = lambda name: quick[name] if getattr(args, name, None) is None else getattr(args, name)
+    modes = tuple(m.strip() for m in (getattr(args, "modes", None) or ",".join(MODES)).split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; known: {', '.join(MODES)}")
+    cfg = ModesConfig(seconds=float(pick("seconds")), rate=getattr(args, "rate", None) or 100.0,
+                      devices=getattr(args, "devices", None) or 4, modes=modes,
+                      cuts=tuple(c.strip() for c in (getattr(args, "cuts", None) or "pool2,fc1").split(",")))
+    return float(pick("transfer_s")), int(pick("pings")), cfg
+
+
+def _link_notes(checks: Sequence[LinkCheck]) -> list[str]:
+    return [
         ("Each link is an in-process TCP proxy on 127.0.0.1 (infra/bench/links.py): per direction a serializer "
          "at the rate followed by the one-way delay; link names give the rate and the RTT (2 x one-way delay)."),
         ("The echo's error is mostly the proxy's own cost (Python, four traversals per echo): "
          f"{min(c.rtt_s[0] - c.rtt_s[1] for c in checks) * 1e3:+.2f} to "
-         f"{max(c.rtt_s[0] - c.rtt_s[1] for c in checks) * 1e3:+.2f} ms here whatever the delay, a large share "
-         "only of the 1 ms link's RTT."),
+         f"{max(c.rtt_s[0] - c.rtt_s[1] for c in checks) * 1e3:+.2f} ms here whatever the delay."),
         "Transfers: worst error " + ", ".join(
             f"{c.name} {max(abs(LinkCheck.error(c.upload_s)), abs(LinkCheck.error(c.download_s))) * 100:.1f} %"
-            for c in checks) + ". At 100 Mbit/s the proxy moves 12.5 MB/s in Python, and it falls behind when "
-        "other jobs take the cores; the benchmark's traffic is about 1 Mbit/s, where the per-message delay (the "
-        "echo) is what counts.",
-        (f"1-minute load average {load0:.1f} at the start and {load1:.1f} at the end on "
-         f"{machine_info()['cores usable / online']} cores (shared with other engineers' jobs)."),
-        "Not run yet: " + PENDING.split("; run")[0].replace("the pipeline modes (", "").replace(") need", " need")
-        + ". The harness for them is in infra/bench/partition.py and partition_report.py.",
+            for c in checks) + ".",
     ]
+
+
+def run(args: argparse.Namespace, progress: Progress) -> str:
+    import tempfile
+
+    from infra.bench.partition_modes import measure
+    from infra.bench.partition_report import (
+        LINK_PLOT,
+        mode_table,
+        plot_links,
+        target_table,
+        targets,
+    )
+    from infra.bench.report import machine_info, write_markdown
+
+    transfer_s, pings, cfg = _settings(args)
+    specs = select_links(args.links)
+    load0 = os.getloadavg()[0]
+    checks: list[LinkCheck] = []
+    for spec in specs:
+        progress(f"link {spec.name}: {pings} echoes, {transfer_s:g} s up and down")
+        checks.append(check_link(spec, transfer_s, pings))
+    tables = [link_check_table(checks)]
+    notes = _link_notes(checks)
+    images = []
     out_dir = Path(args.out_dir) if args.out_dir else OUT_DIR
-    write_markdown(out_dir / PAGE, "Split computing over emulated links", [table], machine_info(),
-                   command_line(args), intro="Produced by the command below. See docs/partition.md (Emulated links, The benchmark).",
-                   notes=notes)
-    return table.text()
+    text = [tables[0].text()]
+    if not args.check_links_only:
+        with tempfile.TemporaryDirectory(prefix="edgeq-bench-partition-") as work:
+            results = measure(specs, cfg, progress, Path(work))
+        slowest = min(specs, key=lambda s: s.rate_bps).name
+        fastest = max(specs, key=lambda s: s.rate_bps).name
+        rows = targets(results, slowest, fastest)
+        tables += [mode_table(results), target_table(rows)]
+        text += [tables[1].text(), tables[2].text()]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_links(out_dir / LINK_PLOT, results, [s.name for s in specs])
+        images.append(("p50/p99 per mode and link", LINK_PLOT))
+        misses = [f"{name}: {got} (required {req})" for name, req, got, met in rows if met is False]
+        notes += [
+            ("Emulated hop: device -> broker. The devices and the results subscriber connect to Mosquitto through "
+             "the link; the edge and cloud actors connect directly, and edge -> cloud is Ray on this host "
+             "(docs/partition.md, The benchmark)."),
+            (f"Per mode: {cfg.devices} devices offering {cfg.rate:g} frames/s in total for {cfg.seconds:g} s, QoS 1; "
+             "1 edge and 1 cloud actor started for the mode. Latency: capture -> answer, stamped by the worker "
+             "that answers (the result's trip back down the link is not in it). CPU: every process under the "
+             "driver but the driver (broker, Ray workers); the devices' heads and the link proxy run in the "
+             "driver and are not counted."),
+            (f"best-fixed-split: the lowest p99 of the fixed splits measured ({', '.join(cfg.cuts)}, "
+             f"{cfg.codec}); planner: plan() on the heads/tails profiled at batch 1 (device = lower tier, edge + "
+             "cloud = upper) and the link's nominal rate and RTT; its choice is run as its own mode; predicted ms "
+             "is the planner's expected latency."),
+            "Targets missed: " + ("; ".join(misses) if misses else "none of those measured") + ".",
+            "Not done: " + ADAPTIVE_PENDING + ".",
+        ]
+    load1 = os.getloadavg()[0]
+    notes.append(f"1-minute load average {load0:.1f} at the start and {load1:.1f} at the end on "
+                 f"{machine_info()['cores usable / online']} cores.")
+    write_markdown(out_dir / PAGE, "Split computing over emulated links", tables, machine_info(),
+                   command_line(args), intro="Produced by the command below. See docs/partition.md (Emulated links, "
+                   "The benchmark).", notes=notes, images=images)
+    return "\n\n".join(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m infra.bench.partition ...` (the same as `edgeq bench partition` once registered)."""
+    """`python -m infra.bench.partition ...`, the same as `edgeq bench partition`."""
     p = argparse.ArgumentParser(prog="python -m infra.bench.partition", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
