@@ -140,7 +140,8 @@ def _settings(args: argparse.Namespace):
     from infra.bench.partition_report import MODES
 
     quick = QUICK if getattr(args, "quick", False) else {"seconds": 10.0, "transfer_s": 4.0, "pings": 30}
-    pick = lambda name: quick[name] if getattr(args, name, None) is None else getattr(args, name)
+    def pick(name):
+        return quick[name] if getattr(args, name, None) is None else getattr(args, name)
     modes = tuple(m.strip() for m in (getattr(args, "modes", None) or ",".join(MODES)).split(",") if m.strip())
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -162,6 +163,12 @@ def _link_notes(checks: Sequence[LinkCheck]) -> list[str]:
             f"{c.name} {max(abs(LinkCheck.error(c.upload_s)), abs(LinkCheck.error(c.download_s))) * 100:.1f} %"
             for c in checks) + ".",
     ]
+
+
+def _load(results, spec: LinkSpec, cfg) -> float:
+    """The largest device -> edge bit rate of a mode on `spec` as a fraction of the link's rate."""
+    per_frame = max((r.bytes_per_frame["device_to_edge"] for r in results if r.link == spec.name), default=0.0)
+    return per_frame * 8 * cfg.rate / spec.rate_bps
 
 
 def run(args: argparse.Namespace, progress: Progress) -> str:
@@ -214,6 +221,13 @@ def run(args: argparse.Namespace, progress: Progress) -> str:
              f"{cfg.codec}); planner: plan() on the heads/tails profiled at batch 1 (device = lower tier, edge + "
              "cloud = upper) and the link's nominal rate and RTT; its choice is run as its own mode; predicted ms "
              "is the planner's expected latency."),
+            "Offered load on each link's uplink (the heaviest mode): " + ", ".join(
+                f"{s.name} {_load(results, s, cfg):.0%} of its rate" for s in specs)
+            + ". Below 100 % no queue builds up on the link, so all-cloud's p99 is the link's delay plus "
+            "serialization, not a queue.",
+            (f"Latency percentiles leave out each device's frames of the first "
+             f"{min(cfg.warmup_s, cfg.seconds / 4):g} s "
+             "(connections through the link, first batches); the progress lines give the p99 of all frames."),
             "Targets missed: " + ("; ".join(misses) if misses else "none of those measured") + ".",
             "Not done: " + ADAPTIVE_PENDING + ".",
         ]
