@@ -36,6 +36,8 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[Extension("edge_workers.qcnn._fastscan", ["edge_workers/qcnn/native/fastscan.c"],
-                           depends=["edge_workers/qcnn/native/fastscan_kernels.h", "edge_workers/qcnn/native/net.h", "edge_workers/qcnn/native/net_hwc.h", "edge_workers/qcnn/native/scan_seg.h"], optional=True)],
+                           depends=["edge_workers/qcnn/native/fastscan_kernels.h", "edge_workers/qcnn/native/net.h",
+                                    "edge_workers/qcnn/native/net_hwc.h", "edge_workers/qcnn/native/scan_seg.h"],
+                           optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from publishers.errors import ConfigError
 
-
 RUNTIMES = ("onnx", "qcnn")  # model runtime keys the cloud's frame model can use (edge_workers.runtime)
 DEFAULT_FRAME_MODEL, QCNN_FRAME_MODEL = "cloud_cnn.onnx", "cloud_cnn.qcnn.onnx"
 

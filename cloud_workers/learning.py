@@ -299,7 +299,7 @@ class LearningMixin:
                 self.learn_counts["fits"] += 1
             result = {"state": "done", "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
                       "version": job, "swapped": swap,
-                      **{k: v for k, v in model.history.items()}, "config": asdict(cfg)}
+                      **dict(model.history.items()), "config": asdict(cfg)}
             result.update(self._score(learned))
         except Exception as err:  # reported through fit_status, never kills the actor
             logger.exception("fit %d failed", job)

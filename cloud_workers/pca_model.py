@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,7 @@ class PcaMlp:
         ws = [np.asarray(w, dtype=np.float64) for w in self.mlp.coefs_]
         ws[0] = ws[0] / self.input_scale.astype(np.float64)[:, None]
         return [(np.ascontiguousarray(w, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32))
-                for w, b in zip(ws, self.mlp.intercepts_)]
+                for w, b in zip(ws, self.mlp.intercepts_, strict=True)]
 
     def logits(self, coeffs: np.ndarray) -> np.ndarray:
         h = _check_coeffs(coeffs, self.k)
@@ -288,7 +289,8 @@ def fit_reduction_models(data_dir: str | Path, out_dir: str | Path = "models", c
                                 "codec": "pca-int8", "pca": pca_path.name},
                       "output": {"name": OUTPUT_NAME, "shape": ["batch", 10], "dtype": "float32"},
                       "components": components, "payload_bytes": codec.code_size,
-                      "test_accuracy": acc, "test_images": len(test), "test_path": f"denoise({denoise_cfg.method})+pca+int8",
+                      "test_accuracy": acc, "test_images": len(test),
+                      "test_path": f"denoise({denoise_cfg.method})+pca+int8",
                       **model.history, "augmented_copies": copies, "mlp": asdict(mlp_cfg), "seed": seed,
                       "export_check": check},
     }

@@ -13,9 +13,10 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -204,7 +205,8 @@ def _fit(torch, key: str, fit: LabelledImages, val: LabelledImages, cfg: TrainCo
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = epochs * math.ceil(len(fit) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
-    val_noisy = LabelledImages(add_noise(val.images, EVAL_NOISE, np.random.default_rng(cfg.seed)), val.labels, "val+noise")
+    val_noisy = LabelledImages(add_noise(val.images, EVAL_NOISE, np.random.default_rng(cfg.seed)), val.labels,
+                               "val+noise")
     best = {"val_accuracy": -1.0}
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -238,7 +240,8 @@ def _export(torch, model, path: Path) -> None:
         )
     extra = onnx_op_types(path) - ALLOWED_OPS
     if extra:
-        raise RuntimeError(f"{path}: export contains unsupported op types {sorted(extra)}; allowed {sorted(ALLOWED_OPS)}")
+        raise RuntimeError(f"{path}: export contains unsupported op types {sorted(extra)}; "
+                           f"allowed {sorted(ALLOWED_OPS)}")
 
 
 def _verify_export(torch, model, path: Path, images: np.ndarray, threads: int | None) -> dict[str, float]:

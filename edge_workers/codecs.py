@@ -18,7 +18,7 @@ cloud agree without sending them.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -150,7 +150,7 @@ class Subscriber:
         self._client.ack(msg.mid, msg.qos)
         self.acks += 1
 
-    def start(self) -> "Subscriber":
+    def start(self) -> Subscriber:
         mqttlib.start(self._client, self.mqtt_cfg)
         return self
 
@@ -287,7 +287,7 @@ class DrivenSubscriber(Subscriber):
             self.dropped["queue_full"] += 1
         self.queue.put_nowait(msg)
 
-    def start(self) -> "DrivenSubscriber":
+    def start(self) -> DrivenSubscriber:
         """Set the session(s) up; the connections are made by the first `get_batch`."""
         self._loop = mqttlib.DrivenLoop(self._client, self.mqtt_cfg, on_message=self._take,
                                         hold_while_reading=not self.manual_ack)
@@ -419,7 +419,7 @@ class DrivenSubscriber(Subscriber):
         return True
 
 
-def decode_frame(msg: Received, limits: wire.DecodeLimits = wire.DecodeLimits()) -> wire.Frame:
+def decode_frame(msg: Received, limits: wire.DecodeLimits = wire.DecodeLimits()) -> wire.Frame:  # noqa: B008 (frozen dataclass, as in wire.decode)
     """Decode a frames-topic message and check the topic names the frame's device.
 
     Raises FrameDecodeError (reason `topic_mismatch` or a wire reason).

@@ -13,8 +13,9 @@ each large transfer (>= ``large_bytes``) gives a lower bound 8 * bytes / (net du
 the bandwidth; the estimate is their ``quantile`` (0.9: a high one, since queueing only lowers them,
 not the maximum, which one mistimed sample would set). A transfer much shorter than the queueing
 jitter says little: on fast links the bandwidth is only as good as large_bytes is large, and it
-matters little there, as the planner's transfer term is small. A figure with no sample in the window comes from the prior (a ``KNOWN_LINKS``
-entry or the config); a field given in the config is pinned and never measured.
+matters little there, as the planner's transfer term is small. A figure with no sample in the
+window comes from the prior (a ``KNOWN_LINKS`` entry or the config); a field given in the config
+is pinned and never measured.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Transfer:
         if not (math.isfinite(self.sent_s) and math.isfinite(self.done_s) and self.done_s >= self.sent_s):
             raise ValueError(f"transfer must end at or after it starts: sent_s={self.sent_s!r}, done_s={self.done_s!r}")
         if not 0.0 <= self.service_s <= self.done_s - self.sent_s:
-            raise ValueError(f"service_s must be in [0, duration {self.done_s - self.sent_s:.6f}], got {self.service_s!r}")
+            raise ValueError(f"service_s must be in [0, duration {self.done_s - self.sent_s:.6f}], "
+                             f"got {self.service_s!r}")
 
     @property
     def total_bytes(self) -> int:
@@ -87,7 +89,8 @@ class LinkEstimator:
         self.prior = LinkProfile(prior.name, float(pinned.get("bandwidth_bps", prior.bandwidth_bps)),
                                  float(pinned.get("rtt_ms", prior.rtt_ms)))
         self.pinned = pinned
-        self.max_age_s, self.small_bytes, self.large_bytes, self.quantile = max_age_s, small_bytes, large_bytes, quantile
+        self.max_age_s, self.small_bytes, self.large_bytes = max_age_s, small_bytes, large_bytes
+        self.quantile = quantile
         self._samples: deque[Transfer] = deque(maxlen=window)
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Adaptive offload controller: the confidence threshold and the split, adjusted per control tick under uplink/p99 budgets.
+"""Adaptive offload controller: the confidence threshold and the split, adjusted per control tick
+under uplink/p99 budgets.
 
 Pure and deterministic: no threads, no clock; the caller passes the time and the measurements of
 each control tick (``OffloadController.tick``) and applies the returned ``Decision``.
@@ -95,7 +96,8 @@ class ControllerConfig:
         if self.fail_after < 1 or self.recover_ticks < 1:
             raise ValueError(f"fail_after and recover_ticks must be >= 1, got {self.fail_after}, {self.recover_ticks}")
         if self.reprobe_after_s is not None and not self.reprobe_after_s > self.min_period_s:
-            raise ValueError(f"reprobe_after_s must exceed min_period_s {self.min_period_s}, got {self.reprobe_after_s!r}")
+            raise ValueError(f"reprobe_after_s must exceed min_period_s {self.min_period_s}, "
+                             f"got {self.reprobe_after_s!r}")
 
     @property
     def uplink_budget_bytes_per_s(self) -> float | None:

@@ -54,7 +54,8 @@ class OffloadLoop:
 
     def __init__(self, controller: OffloadController, period_s: float, uplink_bytes: Callable[[], int],
                  set_threshold: Callable[[float], None], estimator: LinkEstimator | None = None,
-                 split_metrics: SplitMetrics | None = None, probe: Callable[[], Callable[[], bool | None]] | None = None,
+                 split_metrics: SplitMetrics | None = None,
+                 probe: Callable[[], Callable[[], bool | None]] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         if not period_s > 0:
             raise ValueError(f"control period must be > 0 s, got {period_s!r}")
@@ -135,7 +136,8 @@ class OffloadLoop:
         dt = max(now - self._t0, 1e-9)
         total = self._uplink_bytes()
         uplink = (total - self._bytes0) / dt
-        p99 = float(np.percentile(np.fromiter(self._latencies_ms, dtype=np.float64), 99)) if self._latencies_ms else None
+        p99 = (float(np.percentile(np.fromiter(self._latencies_ms, dtype=np.float64), 99))
+               if self._latencies_ms else None)
         link = self.estimator.estimate(now)
         m = Measurement(now, uplink, p99, self.failures, link.profile)
         decision = self.controller.tick(m)

@@ -71,7 +71,8 @@ class EdgeProcessor:
 
     def __init__(self, cfg: EdgeConfig):
         self.cfg = cfg
-        self.threshold = cfg.threshold  # frames with confidence below it go to the cloud; set at run time by the offload loop
+        # frames with confidence below it go to the cloud; set at run time by the offload loop
+        self.threshold = cfg.threshold
         mdir = models_dir(cfg.models_dir)
         pca = PCAModel.load(mdir / PCA_FILE)
         self.denoiser = Denoiser(DenoiseConfig(method=cfg.denoise), pca)

@@ -67,7 +67,8 @@ class PCAModel:
         var = np.ascontiguousarray(self.explained_variance, dtype=np.float32)
         shape = tuple(int(s) for s in self.image_shape)
         if mean.ndim != 1 or comps.ndim != 2 or comps.shape[1] != mean.shape[0]:
-            raise ValueError(f"expected mean [D] and components [k_max, D], got {list(mean.shape)} and {list(comps.shape)}")
+            raise ValueError(f"expected mean [D] and components [k_max, D], "
+                             f"got {list(mean.shape)} and {list(comps.shape)}")
         if var.shape != (comps.shape[0],):
             raise ValueError(f"expected explained_variance [{comps.shape[0]}], got {list(var.shape)}")
         if len(shape) != 2 or shape[0] * shape[1] != mean.shape[0]:

@@ -18,8 +18,8 @@ numpy-free; ``options_from_manifest`` builds the options from a profiled partiti
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from modelstore.profiles import LinkProfile, TierProfile
 

@@ -1,4 +1,5 @@
-"""The edge's side of the device/edge split: devices' head tensor frames checked, sent to the cloud tails, or answered here.
+"""The edge's side of the device/edge split: devices' head tensor frames checked, sent to the cloud tails,
+or answered here.
 
 With `edge.partitions` set, an edge actor's MQTT client is in the shared subscription of both
 edgeq/v1/frames/+ and edgeq/v1/tensors/+ (`SplitSubscriber`). The worker hands each batch's
@@ -165,7 +166,8 @@ class TensorPath:
 
     @staticmethod
     def call(cloud, direct: bool, payloads: list[bytes], refs: list, mqtt_cfg, answer_by_ns: int):
-        """Start the cloud call for tensor frames on actor handle `cloud`: a ray.ObjectRef of (classes, conf[, published])."""
+        """Start the cloud call for tensor frames on actor handle `cloud`: a ray.ObjectRef of
+        (classes, conf[, published])."""
         if direct:
             return cloud.infer_tensors_and_answer.remote(payloads, refs, mqtt_cfg, answer_by_ns)
         return cloud.infer_tensors.remote(payloads)

@@ -99,7 +99,8 @@ class EdgeWorker:
         # Stable id + persistent session: a restarted actor resumes its session and its unacked frames.
         # The Ray namespace keeps two deployments sharing a broker (and a group) from taking over each other's ids.
         self.sub = sub_cls(
-            mqtt_cfg, f"{cfg.group}-{namespace}-{index}", topic, max_queue=cfg.queue_size, status_component=f"edge.{index}", persistent=True, manual_ack=True,
+            mqtt_cfg, f"{cfg.group}-{namespace}-{index}", topic, max_queue=cfg.queue_size,
+            status_component=f"edge.{index}", persistent=True, manual_ack=True,
         ).start()
         self._stop = threading.Event()
         self._draining = threading.Event()
@@ -209,7 +210,8 @@ class EdgeWorker:
         if tensors is not None:  # head tensor frames (the devices' or the edge's own head): the cloud runs the tails
             refs = [FrameRef(f.device_id, f.seq, f.capture_ns, f.label) for f in frames]
             ref = self.tensors.call(self._clouds[index], self._direct[index], tensors, refs, self.mqtt_cfg, answer_by)
-        elif self._direct[index]:  # the cloud publishes while there is time for its completion to come back before the deadline
+        elif self._direct[index]:
+            # the cloud publishes while there is time for its completion to come back before the deadline
             refs = [FrameRef(f.device_id, f.seq, f.capture_ns, f.label) for f in frames]
             ref = self._clouds[index].infer_and_answer.remote(self.cfg.codec, codes, len(frames), refs,
                                                               self.mqtt_cfg, answer_by)

@@ -12,8 +12,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from infra import cluster
 from infra.broker import MosquittoBroker
@@ -144,7 +144,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -223,7 +223,7 @@ def run_chaos(cfg: ChaosConfig, broker: MosquittoBroker, mqtt_cfg: MqttConfig, e
             t_start = time.monotonic()
             pub = threading.Thread(target=lambda: reports.append(run_devices(devices)), daemon=True)
             pub.start()
-            counts = {w: 0 for w in FAULTS}
+            counts = dict.fromkeys(FAULTS, 0)
             for fraction, what in cfg.schedule():
                 due = int(fraction * cfg.frames)
                 while pub.is_alive() and sum(d.stats.generated for d in devices) < due:

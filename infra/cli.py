@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from edge_workers.config import CODECS, POLICIES
 from edge_workers.denoise import METHODS as DENOISE_METHODS
@@ -64,7 +64,8 @@ def _publish_options(p: argparse.ArgumentParser) -> None:
 
 
 def _head_options(p: argparse.ArgumentParser) -> None:
-    """`edgeq publish` only: run a partition's head on the devices (config section `publish`: head, cut, tensor_codec)."""
+    """`edgeq publish` only: run a partition's head on the devices
+    (config section `publish`: head, cut, tensor_codec)."""
     from publishers import topics
     from publishers.tensor_codec import CODECS as TENSOR_CODECS
 
@@ -89,28 +90,34 @@ def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = T
     g = p.add_argument_group("Ray (config section `ray`, env EDGEQ_RAY__*)")
     g.add_argument("--ray-address", dest="ray__address", metavar="ADDRESS",
                    help="connect to this Ray cluster (e.g. auto or HOST:6379); default: start a local Ray")
-    g.add_argument("--ray-namespace", dest="ray__namespace", metavar="NAMESPACE", help="Ray namespace of the named actors (default edgeq)")
+    g.add_argument("--ray-namespace", dest="ray__namespace", metavar="NAMESPACE",
+                   help="Ray namespace of the named actors (default edgeq)")
     g.add_argument("--models-dir", dest="edge__models_dir", metavar="DIR",
                    help="directory of the model files, for edge and cloud workers (default models/)")
     g.add_argument("--metrics-addr", dest="metrics_addr",
                    help="bind address of the workers' metrics endpoints (default 127.0.0.1)")
     if edge:
         g = p.add_argument_group("edge workers (config section `edge`, env EDGEQ_EDGE__*)")
-        g.add_argument("--edge-actors", dest="edge__actors", metavar="ACTORS", type=int, help="edge worker actors (default 2)")
+        g.add_argument("--edge-actors", dest="edge__actors", metavar="ACTORS", type=int,
+                       help="edge worker actors (default 2)")
         g.add_argument("--policy", dest="edge__policy", choices=POLICIES,
                        help="where frames are answered (default confidence)")
         g.add_argument("--threshold", dest="edge__threshold", metavar="THRESHOLD", type=float,
                        help="confidence (1 - normalised entropy) to answer at the edge (default 0.9)")
         g.add_argument("--codec", dest="edge__codec", choices=CODECS,
                        help="what the edge sends to the cloud (default denoised)")
-        g.add_argument("--runtime", dest="edge__runtime", metavar="RUNTIME", help="edge model runtime: qcnn or onnx (default qcnn)")
-        g.add_argument("--model", dest="edge__model", metavar="MODEL", help="edge model file in the models dir (default edge_cnn.qcnn.onnx; edge_cnn.onnx with --runtime onnx)")
+        g.add_argument("--runtime", dest="edge__runtime", metavar="RUNTIME",
+                       help="edge model runtime: qcnn or onnx (default qcnn)")
+        g.add_argument("--model", dest="edge__model", metavar="MODEL",
+                       help="edge model file in the models dir (default edge_cnn.qcnn.onnx; edge_cnn.onnx with "
+                            "--runtime onnx)")
         g.add_argument("--denoise", dest="edge__denoise",
                        choices=DENOISE_METHODS,
                        help="noise reduction at the edge (default auto)")
         g.add_argument("--pca-components", dest="edge__pca_components", metavar="PCA_COMPONENTS", type=int,
                        help="PCA coefficients for the pca-* codecs (default 64, must match the cloud PCA model)")
-        g.add_argument("--batch-max", dest="edge__batch_max", metavar="BATCH_MAX", type=int, help="max frames per micro-batch (default 64)")
+        g.add_argument("--batch-max", dest="edge__batch_max", metavar="BATCH_MAX", type=int,
+                       help="max frames per micro-batch (default 64)")
         g.add_argument("--batch-wait-ms", dest="edge__batch_wait_ms", metavar="BATCH_WAIT", type=float,
                        help="max wait for a micro-batch to fill after its first frame (default 0: take what is queued)")
         g.add_argument("--cloud-timeout", dest="edge__cloud_timeout_s", metavar="CLOUD_TIMEOUT", type=float,
@@ -127,7 +134,8 @@ def _tier_options(p: argparse.ArgumentParser, edge: bool = True, cloud: bool = T
                        help="adaptive offload: seconds per control tick and measurement window (default 1)")
     if cloud:
         g = p.add_argument_group("cloud workers (config section `cloud`, env EDGEQ_CLOUD__*)")
-        g.add_argument("--cloud-actors", dest="cloud__actors", metavar="ACTORS", type=int, help="cloud worker actors (default 1)")
+        g.add_argument("--cloud-actors", dest="cloud__actors", metavar="ACTORS", type=int,
+                       help="cloud worker actors (default 1)")
         g.add_argument("--cloud-metrics-port", dest="cloud__metrics_port", metavar="METRICS_PORT", type=int,
                        help="cloud worker i serves metrics on this port + i; 0 = any free port (default 9701)")
 
@@ -258,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgeq",
         description="Deep learning at the edge: MQTT devices, Ray edge and cloud workers, quantized CNNs.",
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML config file (sections: mqtt, publish, edge, cloud, ray, demo)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML config file (sections: mqtt, publish, edge, cloud, ray, demo)")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -342,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_partition_arguments(p)
     p.set_defaults(func=cmd_partition)
 
-    p = sub.add_parser("bench", help="run a benchmark; tables go to stdout and docs/results/ (needs edgeq[server,bench])")
+    p = sub.add_parser("bench",
+                       help="run a benchmark; tables go to stdout and docs/results/ (needs edgeq[server,bench])")
     from infra.bench import (
         add_parsers as add_bench_parsers,  # one sub-command per registered benchmark
     )

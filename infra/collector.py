@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from publishers import results
 from edge_workers.ingest import Subscriber
-from publishers import topics
+from publishers import results, topics
 from publishers.mqtt import MqttConfig
 
 
@@ -97,7 +96,7 @@ class ResultCollector:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="results", daemon=True)
 
-    def start(self) -> "ResultCollector":
+    def start(self) -> ResultCollector:
         self.sub.start()
         self.sub.wait_subscribed()
         self._thread.start()

@@ -35,15 +35,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         description="Devices publish the train and test splits through a real broker; edge workers denoise and "
         "encode them per uplink codec; cloud workers fit an MLP on nested training subsets and score it on the "
         "held-out frames. Writes a table and PNG plots to docs/results/edge-learning.md (needs edgeq[server,bench]).")
-    e.add_argument("--codecs", dest="exp_codecs", metavar="CODECS", type=_names, help=f"comma-separated codecs (default {','.join(CODECS)})")
-    e.add_argument("--pca-sizes", dest="exp_pca_sizes", metavar="K,...", type=_ints, help="PCA k for the pca-* codecs (default 16,32,64)")
+    e.add_argument("--codecs", dest="exp_codecs", metavar="CODECS", type=_names,
+                   help=f"comma-separated codecs (default {','.join(CODECS)})")
+    e.add_argument("--pca-sizes", dest="exp_pca_sizes", metavar="K,...", type=_ints,
+                   help="PCA k for the pca-* codecs (default 16,32,64)")
     e.add_argument("--train-sizes", dest="exp_train_sizes", metavar="N,...", type=_ints,
                    help="training-set sizes, 0 = the whole train split (default 300,1000,3000,0)")
     e.add_argument("--noise", dest="exp_noise", metavar="NOISE,...", type=_names,
                    help="sensor noise settings: none, gaussian, salt-and-pepper (default none,gaussian)")
-    e.add_argument("--noise-level", dest="exp_noise_level", metavar="LEVEL", type=float, help="noise level (default 0.2)")
-    e.add_argument("--data-dir", dest="exp_data_dir", metavar="DIR", help="MNIST IDX directory (default data/mnist; full MNIST works)")
-    e.add_argument("--models-dir", dest="exp_models_dir", metavar="DIR", help="models directory with pca.npz (default models/)")
+    e.add_argument("--noise-level", dest="exp_noise_level", metavar="LEVEL", type=float,
+                   help="noise level (default 0.2)")
+    e.add_argument("--data-dir", dest="exp_data_dir", metavar="DIR",
+                   help="MNIST IDX directory (default data/mnist; full MNIST works)")
+    e.add_argument("--models-dir", dest="exp_models_dir", metavar="DIR",
+                   help="models directory with pca.npz (default models/)")
     e.add_argument("--devices", dest="exp_devices", metavar="N", type=int, help="simulated devices (default 4)")
     e.add_argument("--max-epochs", dest="exp_max_epochs", metavar="N", type=int, help="MLP epochs at most (default 30)")
     e.add_argument("--no-serve-check", dest="exp_serve_check", action="store_false", default=None,

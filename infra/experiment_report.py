@@ -94,7 +94,8 @@ def claims(result: ExperimentResult) -> list[str]:
         verdict = "meets" if f.heldout_accuracy >= ACCURACY_TARGET else "misses"
         out.append(f"noise {name}: best codec at >= {REDUCTION_TARGET:g}x fewer edge→cloud bytes is {r.label} "
                    f"({ratio:.1f}x fewer): {_pct(f.heldout_accuracy)} % held-out accuracy on {full} training frames, "
-                   f"{verdict} the {100 * ACCURACY_TARGET:.0f} % target (raw frames: {_pct(raw_fit.heldout_accuracy)} %).")
+                   f"{verdict} the {100 * ACCURACY_TARGET:.0f} % target "
+                   f"(raw frames: {_pct(raw_fit.heldout_accuracy)} %).")
         meeting = [(r2, _fit(result, r2, full)) for r2 in result.runs if r2.noise == noise and r2.bytes_edge_to_cloud
                    and _fit(result, r2, full) and _fit(result, r2, full).heldout_accuracy >= ACCURACY_TARGET]
         if meeting:
@@ -131,7 +132,7 @@ def plots(result: ExperimentResult, out_dir: Path, stem: str) -> list[tuple[str,
     for what, ylabel, key in (("accuracy", "held-out accuracy (%)", "heldout_accuracy"),
                               ("train-time", "cloud training time (s)", "train_seconds")):
         fig, axes = plt.subplots(1, len(noises), figsize=(6 * len(noises), 4.5), squeeze=False, sharey=True)
-        for ax, noise in zip(axes[0], noises):
+        for ax, noise in zip(axes[0], noises, strict=True):
             for r in (r for r in result.runs if r.noise == noise):
                 fits = sorted((f for f in result.fits if (f.noise, f.codec, f.k) == (noise, r.codec, r.k)),
                               key=lambda f: f.n_train)
@@ -154,7 +155,7 @@ def plots(result: ExperimentResult, out_dir: Path, stem: str) -> list[tuple[str,
     xs = range(len(runs))
     ax.bar([x - 0.2 for x in xs], [r.bytes_device_to_edge / 1e6 for r in runs], width=0.4, label="device → edge")
     ax.bar([x + 0.2 for x in xs], [r.bytes_edge_to_cloud / 1e6 for r in runs], width=0.4, label="edge → cloud")
-    for x, r in zip(xs, runs):
+    for x, r in zip(xs, runs, strict=True):
         ax.annotate(f"{r.code_size} B", (x + 0.2, r.bytes_edge_to_cloud / 1e6), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [r.label for r in runs], rotation=30, ha="right")
     ax.set_yscale("log")

@@ -1,11 +1,12 @@
-"""`edgeq partition MODEL.onnx`: cut a model at every legal point, write the head/tail pairs and the manifest, print a table."""
+"""`edgeq partition MODEL.onnx`: cut a model at every legal point, write the head/tail pairs and the manifest,
+print a table."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 logger = logging.getLogger(__name__)
 

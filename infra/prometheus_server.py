@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from modelstore.files import write_text_atomic
 from infra.child_server import ChildServer, port_open
+from modelstore.files import write_text_atomic
 from publishers.errors import EdgeqError
 
 logger = logging.getLogger(__name__)

@@ -152,7 +152,7 @@ def dynsec_config(devices: Sequence[str], passwords: dict[str, str]) -> dict:
     """
     roles = [device_role(d) for d in devices]
     clients = [{"username": d, **dynsec_password(passwords[d]), "roles": [{"rolename": role["rolename"]}]}
-               for d, role in zip(devices, roles)]
+               for d, role in zip(devices, roles, strict=True)]
     services = service_roles()
     clients += [{"username": role["rolename"], **dynsec_password(passwords[role["rolename"]]),
                  "roles": [{"rolename": role["rolename"]}]} for role in services]

@@ -9,8 +9,9 @@ given (the planner's accuracy floor should use a validation split, the held-out 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from modelstore.files import sha256_file, write_text_atomic
 from modelstore.partition import PartitionError, find_cuts, model_name, runtime_key, split

@@ -10,8 +10,9 @@ split only and stored next to the pair as ``<cut id>.pq.npz`` (array ``centroids
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -22,9 +22,10 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,8 @@ KNOWN_LINKS = {
 
 def links_from_config(cfg: Mapping[str, Mapping[str, Any]] | None,
                       known: Mapping[str, LinkProfile] = KNOWN_LINKS) -> dict[str, LinkProfile]:
-    """KNOWN_LINKS with config overrides: {"wifi": {"bandwidth_bps": 2e7}, "mylink": {"bandwidth_bps": .., "rtt_ms": ..}}.
+    """KNOWN_LINKS with config overrides:
+    {"wifi": {"bandwidth_bps": 2e7}, "mylink": {"bandwidth_bps": .., "rtt_ms": ..}}.
 
     A new link needs both fields; unknown keys are a ValueError naming them.
     """
@@ -111,7 +113,7 @@ def _latencies(load: Loader, key: str, path: str | Path, batches: Sequence[int],
     out = {}
     for b in batches:
         x = rng.random((b, *rt.input_shape), dtype=np.float32)
-        out[str(b)] = round(time_call(lambda: rt.predict(x), min_seconds), 4)
+        out[str(b)] = round(time_call(lambda x=x: rt.predict(x), min_seconds), 4)
     return out
 
 
@@ -144,7 +146,7 @@ def profile_partition(manifest: dict, out_dir: str | Path, source: str | Path, l
     chain = [None] + [by_id[c["id"]] for c in cuts] + [None]
     segments = []
     with tempfile.TemporaryDirectory() as tmp:
-        for a, b in zip(chain, chain[1:]):
+        for a, b in zip(chain, chain[1:], strict=False):
             path = Path(tmp) / "segment.onnx"
             onnx.save(segment(model, a, b), str(path))
             ms = {key: _latencies(load, key, path, batches, min_seconds) for key in runtimes}

@@ -60,7 +60,8 @@ class PublishConfig:
     seed: int = 0
     progress_s: float = 1.0
     topic: str = "frames"
-    shuffle: bool = False  # mnist: replay in a random order seeded by `seed` (the bundled train split is sorted by class)
+    # mnist: replay in a random order seeded by `seed` (the bundled train split is sorted by class)
+    shuffle: bool = False
     head: str | None = None
     cut: str | None = None
     tensor_codec: str = "int8"

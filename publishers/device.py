@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from publishers import results
 from publishers import mqtt as mqttlib
-from publishers import topics, wire
+from publishers import results, topics, wire
 from publishers.config import PublishConfig
 from publishers.noise import NoiseConfig, add_noise
 from publishers.sources import FrameSource

@@ -302,7 +302,8 @@ class DrivenLoop:
         pending = read and hasattr(sock, "pending") and sock.pending()  # TLS: already decrypted bytes
         try:
             readable, writable, _ = select.select(([sock] if read else []) + ([wake] if wake is not None else []),
-                                                  [sock] if client.want_write() else [], [], 0.0 if pending else timeout)
+                                                  [sock] if client.want_write() else [], [],
+                                                  0.0 if pending else timeout)
         except (OSError, ValueError):  # the socket was closed under us: reconnect on the next call
             sock.close()
             return False

@@ -129,7 +129,7 @@ def run_devices(
         if progress and time.monotonic() >= next_report:
             next_report += progress_s
             live = PublishReport([d.stats for d in devices], time.monotonic() - started, head)
-            running = [d for d, t in zip(devices, threads) if t.is_alive()]
+            running = [d for d, t in zip(devices, threads, strict=True) if t.is_alive()]
             progress(f"[publish] {_connection_state(running)} {live.summary()}")
     if errors:
         raise errors[0]

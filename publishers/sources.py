@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -96,7 +97,8 @@ class DirectorySource:
         if any(p.suffix.lower() in self.IMAGE_SUFFIXES for p in self.files):
             self._pil = _optional("PIL.Image")
             if self._pil is None:
-                raise SourceError(f"{self.directory} holds image files: reading them needs Pillow (pip install 'edgeq[pi]')")
+                raise SourceError(f"{self.directory} holds image files: "
+                                  "reading them needs Pillow (pip install 'edgeq[pi]')")
         self.shape, self.loop = shape, loop
 
     def load(self, path: Path) -> np.ndarray:

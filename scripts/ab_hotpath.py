@@ -113,6 +113,7 @@ def main() -> None:
 
     import ray
 
+    import edge_workers.ingest as ingest_mod
     from cloud_workers.config import CloudConfig, RayConfig
     from edge_workers.config import EdgeConfig
     from infra import cluster
@@ -123,8 +124,6 @@ def main() -> None:
     from publishers import topics
     from publishers.config import PublishConfig
     from publishers.mqtt import MqttConfig
-
-    import edge_workers.ingest as ingest_mod
     source = Path(ingest_mod.__file__).resolve().parents[1]
     cfg = PipelineBenchConfig(duration_s=args.seconds, warmup_s=args.warmup, devices=args.devices,
                               publishers=args.publishers, edge_actors=args.edge_actors,

@@ -195,8 +195,12 @@ def select_k(results: dict[int, dict[str, float]], tol: float, max_bytes: int) -
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ints = lambda s: [int(v) for v in s.split(",")]
-    floats = lambda s: [float(v) for v in s.split(",")]
+    def ints(s):
+        return [int(v) for v in s.split(",")]
+
+    def floats(s):
+        return [float(v) for v in s.split(",")]
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=str(ROOT / "data" / "mnist"))
     p.add_argument("--models-dir", default=str(ROOT / "models"), help="where edge_cnn.onnx is read from")

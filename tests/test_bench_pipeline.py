@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
-
 import numpy as np
+import pytest
 
 from edge_workers.denoise import METHODS, DenoiseConfig, Denoiser, as_unit_frames
 from edge_workers.reduce import PCA_FILE, PCAModel
 from edge_workers.runtime import models_dir
-from infra.bench import pipeline_report
 from infra.bench import pipeline as bench_pipeline
+from infra.bench import pipeline_report
 from infra.bench.pipeline import measure
 from infra.bench.pipeline_runs import MODES, SATURATION, PipelineBenchConfig, load_name
 from infra.cli import build_parser
@@ -53,7 +52,10 @@ def test_tiny_run_accounts_for_every_frame_and_reports_consistent_tables(tmp_pat
             # Every frame the broker acknowledged was answered (ceiling: received) exactly once.
             assert p.sent > 0 and p.answered == p.sent and p.dropped == 0 and p.duplicates == 0, (mode, p.name)
             assert FRAME_BYTES_MIN * p.sent <= p.device_bytes <= FRAME_BYTES_MAX * p.sent, (mode, p.name)
-            assert len(p.latency_ms) > 0 and p.cpu_s > 0 and p.peak_rss > 0, (mode, p.name)
+            assert len(p.latency_ms) > 0 and p.peak_rss > 0, (mode, p.name)
+            # CPU is read in clock ticks (10 ms): the ceiling's broker and plain subscribers can use less than
+            # one tick on 50 frames (observed 0.0 in a clean-clone run); the tiers' Ray actors never do.
+            assert p.cpu_s > 0 or mode == "ceiling", (mode, p.name)
             assert 0 < p.captured_rate <= 1.5 * p.offered, (mode, p.name)
         # The latency phase offered half of edgeq's sustained rate, in every mode.
         assert math.isclose(m.phases[0].offered, 0.5 * modes["edgeq"].saturation), mode
@@ -91,7 +93,8 @@ def test_tiny_run_accounts_for_every_frame_and_reports_consistent_tables(tmp_pat
     # CPU per answered frame by process group: every phase saw the load generator and the pipeline's processes.
     for mode, m in modes.items():
         for p in m.probes + m.phases:
-            assert sum(p.cpu_groups.values()) >= p.cpu_s > 0, (mode, p.name)  # the groups include the load generator
+            total = sum(p.cpu_groups.values())  # the groups include the load generator
+            assert total > 0 and total >= p.cpu_s, (mode, p.name)
             assert {"publishers", "mosquitto", "driver"} <= set(p.cpu_groups), (mode, p.cpu_groups)
     assert {"edge actors", "cloud actors", "results sink"} <= set(modes["edgeq"].phases[0].cpu_groups)
     assert "ceiling subscribers" in modes["ceiling"].phases[0].cpu_groups

@@ -1,4 +1,5 @@
-"""Tests of `edgeq bench qcnn`: its int8 baseline, timing helper, wide-FC model, report writer, and an end-to-end quick run."""
+"""Tests of `edgeq bench qcnn`: its int8 baseline, timing helper, wide-FC model, report writer, and an end-to-end
+quick run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelstore.interface import to_input
 from edge_workers.runtime import load_runtime
 from infra.bench.models import (
     build_wide_fc,
@@ -23,6 +23,7 @@ from infra.bench.models import (
 from infra.bench.report import Table, write_markdown
 from infra.bench.timing import measure_interleaved, measure_latency
 from infra.cli import build_parser, cmd_bench
+from modelstore.interface import to_input
 from publishers.datasets import load_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,8 @@ def test_markdown_writer_writes_given_tables(tmp_path):
                           notes=["n1"], images=[("plot", "p.png")])
     text = path.read_text()
     assert text.startswith("# Title\n")
-    for needle in ("### Sizes", "| variant | bytes | accuracy % |", "| --- | ---: | ---: |", "| float | 322,909 | 99.33 |",
+    for needle in ("### Sizes", "| variant | bytes | accuracy % |", "| --- | ---: | ---: |",
+                   "| float | 322,909 | 99.33 |",
                    "| wide \\| fc | 1,000 | n/a |", "a note", "### Latency", "| 1 | 0.050 |", "| CPU | test cpu |",
                    "edgeq bench x --quick", "- n1", "![plot](p.png)"):
         assert needle in text, needle
@@ -170,7 +172,8 @@ def test_bench_qcnn_quick_end_to_end(tmp_path):
     ratios = {(r[0], r[1], r[2]) for r in _md_rows(text, "Q-CNN native vs onnxruntime (same run)")}
     assert ratios == {(m, b, t) for m in models for b in ("1", "32") for t in threads}
     targets = {r[0]: r for r in _md_rows(text, "Q-CNN targets (this run)")}
-    assert "edge CNN, batch 32, 1 thread(s): float / native" in targets and "cloud CNN: compression (EC file)" in targets
+    assert "edge CNN, batch 32, 1 thread(s): float / native" in targets
+    assert "cloud CNN: compression (EC file)" in targets
     profile = _md_rows(text, "Per-layer time (1 thread, µs per sample)")
     for m in ("edge CNN", "cloud CNN"):  # both runtimes, both batches, and every layer has a time
         rows = [r for r in profile if r[0] == m]

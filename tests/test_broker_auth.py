@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,7 +57,8 @@ def test_wrong_password_is_refused_and_reported(secured: MosquittoBroker) -> Non
     report = publish(cfg, PublishConfig(devices=1, count=1, data_dir=str(DATA_DIR), progress_s=0.5), stop, lines.append)
     timer.cancel()
     assert report.total("acked") == 0
-    assert any("refused: Bad user name or password" in line or "refused: Not authorized" in line for line in lines), lines
+    assert any("refused: Bad user name or password" in line or "refused: Not authorized" in line
+               for line in lines), lines
 
 
 def _make_ca_and_server_cert(d: Path) -> None:

@@ -62,7 +62,7 @@ def test_each_actor_lands_on_its_tier_node_and_frames_cross_nodes(two_node_clust
         assert report.total("acked") == 100
         assert len(answers.unique) == 100 and answers.tiers == {"cloud": 100}
         assert answers.accuracy >= 0.95  # cloud CNN on clean frames; observed 1.0
-        edge_stats = [s for s in cluster.stop_tier(edge, "stop")]
+        edge_stats = list(cluster.stop_tier(edge, "stop"))
         assert sum(s.get("frames_to_cloud", 0) for s in edge_stats) == 100
         assert sum(s["frames"] for s in cluster.stop_tier(cloud, "stats")) == 100
     finally:

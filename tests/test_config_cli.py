@@ -92,7 +92,8 @@ def test_cli_errors_are_one_clear_line(capsys) -> None:
 
 
 def test_help_lists_the_subcommands() -> None:
-    out = subprocess.run([sys.executable, "-m", "infra.cli", "--help"], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run([sys.executable, "-m", "infra.cli", "--help"], capture_output=True, text=True,
+                         timeout=30).stdout
     for command in ("publish", "demo", "broker", "train"):
         assert command in out
 
@@ -111,7 +112,8 @@ def test_demo_prints_a_summary_with_nothing_lost(tmp_path) -> None:
     assert "frames answered        120 unique, 0 duplicates, lost 0" in out
     for line in ("throughput", "latency capture->result p50", "accuracy", "answered at            edge",
                  "bytes device->edge     99360 (828 per frame)", "bytes edge->cloud",
-                 "cloud-only, raw frames 94080 bytes of pixels to the cloud for the same frames (99360 as wire frames)"):
+                 "cloud-only, raw frames 94080 bytes of pixels to the cloud for the same frames "
+                 "(99360 as wire frames)"):
         assert line in out, line
     assert "[demo]" in proc.stderr  # progress goes to stderr
     targets = json.loads((tmp_path / "targets.json").read_text())

@@ -137,7 +137,7 @@ def test_packets_cut_across_reads_arrive_whole_once_and_in_order(protocol) -> No
             for _ in range(3):
                 loop.poll(0.005)  # paho reads the partial packet and keeps it
             conn.sendall(stream[cut:])
-            _poll_until(loop, lambda: len(got) == (i + 1) * len(MESSAGES))
+            _poll_until(loop, lambda i=i: len(got) == (i + 1) * len(MESSAGES))
             assert got[i * len(MESSAGES):] == [(t, p, m, q) for t, p, q, m in MESSAGES], cut
         assert len(got) == len(cuts) * len(MESSAGES)
     finally:

@@ -33,7 +33,6 @@ from publishers.run import publish
 from tests.conftest import DATA_DIR, REPO
 
 
-
 def frame_bytes(device_id: str) -> int:
     """Wire size of one labelled 28x28 uint8 frame from `device_id` (the header does not depend on the values)."""
     return len(wire.encode(wire.Frame(device_id, 0, 0, np.zeros((28, 28), np.uint8), 3)))

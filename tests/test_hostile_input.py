@@ -66,7 +66,8 @@ def frame_bytes(pixels: np.ndarray, device: str = BAD_DEVICE, seq: int = 0, labe
 
 def raw_frame(*, magic: bytes = wire.MAGIC, version: int = wire.VERSION, code: int = 1, ndim: int | None = None,
               flags: int = 0, id_len: int | None = None, payload_len: int | None = None,
-              shape: tuple[int, ...] = (28, 28), device: bytes = BAD_DEVICE.encode(), pixels: bytes | None = None) -> bytes:
+              shape: tuple[int, ...] = (28, 28), device: bytes = BAD_DEVICE.encode(),
+              pixels: bytes | None = None) -> bytes:
     """A frame with any header field forced, bypassing the encoder's checks."""
     itemsize = wire.DTYPE_CODES.get(code, np.dtype("u1")).itemsize
     if pixels is None:
@@ -115,7 +116,8 @@ def lying_length(draw) -> Case:
 def bad_header_field(draw) -> Case:
     field = draw(st.sampled_from(["magic", "version", "dtype", "ndim", "flags", "id_len", "device"]))
     if field == "magic":
-        return Case(BAD_TOPIC, raw_frame(magic=draw(st.binary(min_size=4, max_size=4).filter(lambda m: m != wire.MAGIC))),
+        return Case(BAD_TOPIC,
+                    raw_frame(magic=draw(st.binary(min_size=4, max_size=4).filter(lambda m: m != wire.MAGIC))),
                     "bad_magic")
     if field == "version":
         return Case(BAD_TOPIC, raw_frame(version=draw(st.integers(0, 255).filter(lambda v: v != wire.VERSION))),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -154,7 +154,7 @@ def test_c_encoder_matches_python_byte_for_byte(encoder, mnist_image, tmp_path, 
 
 
 def _first_difference(a: bytes, b: bytes) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return f"first difference at byte {i}: C 0x{x:02x}, Python 0x{y:02x}"
     return f"lengths differ: C {len(a)} bytes, Python {len(b)}"

@@ -18,8 +18,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 import cloud_workers.metrics  # noqa: F401  (registers the cloud metrics in REGISTRY)
 import edge_workers.metrics  # noqa: F401  (registers the edge metrics in REGISTRY)
-from infra.broker import MosquittoBroker, port_open
 from edge_workers.metrics_server import serve_metrics
+from infra.broker import MosquittoBroker, port_open
 from infra.prometheus_server import PrometheusError, PrometheusServer, target_groups
 from tests.conftest import REPO
 

@@ -104,7 +104,7 @@ def test_never_faster_than_the_period_steps_bounded_directions_right(stream, per
     cfg = ControllerConfig(uplink_budget_kbps=8.0, p99_budget_ms=100.0, min_period_s=period, max_step=step,
                            resolution=min(0.01, step), reprobe_after_s=None if reprobe is None else period + reprobe)
     ctl, t, last_change, prev = OffloadController(cfg, OPTS), 0.0, None, ctl_decision(cfg)
-    for gap, up, p99, fail, link in zip(*stream):
+    for gap, up, p99, fail, link in zip(*stream, strict=True):
         t += gap
         d = ctl.tick(Measurement(t, up, p99, fail, link))
         assert d.reason in REASONS

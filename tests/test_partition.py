@@ -11,10 +11,10 @@ import pytest
 
 from edge_workers.runtime import load_runtime
 from infra.cli import main
+from modelstore.interface import to_input
 from modelstore.partition import PartitionError, find_cuts, model_name, split
 from modelstore.partition_eval import evaluate_partition
 from modelstore.partition_files import cut_specs, load_manifest, write_partition
-from modelstore.interface import to_input
 from publishers import tensor_codec as tc
 from publishers import wire
 from publishers.datasets import load_mnist
@@ -73,7 +73,7 @@ def test_parts_are_valid_onnx_with_the_cut_tensor_between_them(name, partitions)
             uses_pq = any(n.domain == "ai.edgeq" for n in part.graph.node)
             assert uses_pq == any(o.domain == "ai.edgeq" for o in part.opset_import)
             assert {p.key for p in part.metadata_props} == ({"edgeq.qcnn.format"} if "qcnn" in name else set())
-        (out,), (inp,) = head.graph.output, [i for i in tail.graph.input]
+        (out,), (inp,) = head.graph.output, list(tail.graph.input)
         assert out.name == inp.name == cut["tensor"]
         dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
         assert dims == ["batch", *cut["shape"]]
@@ -130,7 +130,8 @@ def test_manifest_bytes_are_the_encoded_frames(name, partitions, test_split):
         z = load(manifest["runtime"], str(out_dir / cut["head"]["file"])).predict(x)
         spec = specs[cut["id"]]
         assert spec.model_hash.hex() == manifest["sha256"][:16] and spec.shape == tuple(cut["shape"])
-        assert set(cut["codecs"]) == {"float32", "float16", "int8"} | ({"int8-channel"} if len(spec.shape) > 1 else set())
+        assert set(cut["codecs"]) == ({"float32", "float16", "int8"}
+                                      | ({"int8-channel"} if len(spec.shape) > 1 else set()))
         for codec, size in cut["codecs"].items():
             frame = wire.tensor_frames(z, codec, spec, "dev0", [1, 2], 0)[1]
             data = wire.encode_tensor(frame)

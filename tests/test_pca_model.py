@@ -12,14 +12,20 @@ import onnx
 import pytest
 
 from cloud_workers.pca_model import (
-    INPUT_NAME, MLP_FILE, OUTPUT_NAME, PcaMlpConfig, export_mlp_onnx, onnx_mlp_logits, pipeline_coefficients,
+    INPUT_NAME,
+    MLP_FILE,
+    OUTPUT_NAME,
+    PcaMlpConfig,
+    export_mlp_onnx,
+    onnx_mlp_logits,
+    pipeline_coefficients,
     train_pca_mlp,
 )
-from modelstore.files import sha256_file
-from modelstore.interface import EVAL_NOISE
 from edge_workers.codecs import UplinkCodec
 from edge_workers.denoise import DenoiseConfig, Denoiser
 from edge_workers.reduce import PCA_FILE, PCAModel
+from modelstore.files import sha256_file
+from modelstore.interface import EVAL_NOISE
 from publishers.datasets import load_mnist
 from publishers.noise import add_noise
 

@@ -28,7 +28,6 @@ from publishers.run import publish
 from tests.conftest import DATA_DIR, REPO
 
 
-
 def scrape(targets: list[str]) -> Counter:
     """Sum every sample over the metrics endpoints: {(name, sorted labels): value}."""
     total: Counter = Counter()

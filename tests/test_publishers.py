@@ -201,7 +201,7 @@ def test_publish_head_needs_onnxruntime_only_and_sends_tensor_frames(broker: Mos
     assert "confirmed=10 bytes=5900 (590.0 per frame)" in proc.stdout  # 590 B: docs/partition.md, pool2 int8
     assert "head edge_cnn@pool2 (int8, shape 32x4x4): 590.0 B/tensor frame" in proc.stdout
     frames = [wire.decode_tensor(m.payload) for m in msgs]
-    assert sorted((m.topic, f.device_id, f.seq) for m, f in zip(msgs, frames)) == [
+    assert sorted((m.topic, f.device_id, f.seq) for m, f in zip(msgs, frames, strict=True)) == [
         (topics.tensors(f"dev{d}"), f"dev{d}", s) for d in range(2) for s in range(5)]
     assert {(f.cut_id, f.codec, f.shape) for f in frames} == {("edge_cnn@pool2", "int8", (32, 4, 4))}
 
@@ -222,7 +222,8 @@ def test_publish_head_option_errors_name_the_problem(tmp_path, capsys) -> None:
         (["--head", str(manifest)], "is a partition manifest: name the cut with --cut"),
         (["--head", str(manifest), "--cut", "fc1"], "has no cut 'fc1'; its cuts: edge_cnn@pool2"),
         (["--head", str(head), "--codec", "pq8"], "offers the codecs float32, float16, int8, int8-channel, not 'pq8'"),
-        (["--head", str(tmp_path / "edge_cnn@relu1.head.onnx")], "has no cut 'edge_cnn@relu1'; its cuts: edge_cnn@pool2"),
+        (["--head", str(tmp_path / "edge_cnn@relu1.head.onnx")],
+         "has no cut 'edge_cnn@relu1'; its cuts: edge_cnn@pool2"),
         (["--head", str(tmp_path / "gone" / "edge_cnn@pool2.head.onnx")], "cannot read partition manifest"),
     ]
     for extra, message in cases:

@@ -1,4 +1,5 @@
-"""The committed Q-CNN cloud CNN (models/cloud_cnn.qcnn.onnx): manifest entry, size and accuracy targets, one native net."""
+"""The committed Q-CNN cloud CNN (models/cloud_cnn.qcnn.onnx): manifest entry, size and accuracy targets,
+one native net."""
 
 from __future__ import annotations
 

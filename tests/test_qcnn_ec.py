@@ -28,7 +28,8 @@ def test_response_error_from_stats_equals_direct_computation():
     pads = (1, 1, 1, 1)
     y = _conv_direct(x, w, b, pads).astype(np.float32)
     rows = ec.sample_rows(20, 7, 7, 10 ** 6, rng)
-    stats = ec.stats_from_rows(ec.im2col_rows(x, (3, 3), (1, 1), pads, (1, 1), rows), y[rows[:, 0], :, rows[:, 1], rows[:, 2]], 1)
+    stats = ec.stats_from_rows(ec.im2col_rows(x, (3, 3), (1, 1), pads, (1, 1), rows),
+                               y[rows[:, 0], :, rows[:, 1], rows[:, 2]], 1)
     pq = train_kmeans(w, b, dsub=2, K=4)
     w_hat, b_hat = pq.decode().reshape(w.shape), pq.bias + 0.1
     y_hat = _conv_direct(x, w_hat, b_hat, pads)
@@ -58,7 +59,8 @@ def test_error_correction_beats_kmeans_on_fc_and_grouped_conv():
     stats_c = ec.stats_from_rows(Xc, Yc, 2)
     km_c = train_kmeans(Wc.reshape(6, 4, 2, 2), np.zeros(6), dsub=2, K=3, group=2, seed=0)
     fixed_c = ec.error_correct(stats_c, km_c, iters=6)
-    assert ec.response_error(stats_c, fixed_c.decode(), fixed_c.bias) < ec.response_error(stats_c, km_c.decode(), km_c.bias)
+    assert (ec.response_error(stats_c, fixed_c.decode(), fixed_c.bias)
+            < ec.response_error(stats_c, km_c.decode(), km_c.bias))
     assert fixed_c.codes.max() < 3 and fixed_c.codebook.shape == (4, 3, 2)
 
 

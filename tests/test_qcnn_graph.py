@@ -28,7 +28,8 @@ def _model(nodes, inits, out_shape, in_shape=("N", 8, 9, 9)):
 
 
 def _grouped_net(rng):
-    """Conv(8->12, 3x3, group 2, stride 2, pads 1) - BN - Relu - Conv(12->8, 2x2, dilation 2) - Relu - Flatten - MatMul - Add."""
+    """Conv(8->12, 3x3, group 2, stride 2, pads 1) - BN - Relu - Conv(12->8, 2x2, dilation 2) - Relu - Flatten
+    - MatMul - Add."""
     inits = {
         "w1": rng.normal(size=(12, 4, 3, 3)) * 0.3, "b1": rng.normal(size=12) * 0.1,
         "s": rng.uniform(0.5, 1.5, 12), "beta": rng.normal(size=12) * 0.1, "mu": rng.normal(size=12) * 0.1,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from edge_workers.qcnn import kernels
 from edge_workers.qcnn.pq import PQWeights, pack_codes, train_kmeans, unpack_codes
 
-TOL = dict(rtol=1e-4, atol=1e-4)  # float32 sums of <= a few hundred terms; observed max abs diff ~2e-6
+TOL = {"rtol": 1e-4, "atol": 1e-4}  # float32 sums of <= a few hundred terms; observed max abs diff ~2e-6
 
 
 def conv_float(x, w, b, strides, pads, dilations, group):

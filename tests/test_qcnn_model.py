@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from modelstore.interface import to_input
 from edge_workers.qcnn.compress import CompressConfig, compress_model
 from edge_workers.qcnn.evaluate import accuracy, calibration_images
 from edge_workers.qcnn.export import DOMAIN, export_standard
 from edge_workers.runtime import load_runtime
+from modelstore.interface import to_input
 from publishers.datasets import load_mnist
 from tests.conftest import DATA_DIR, REPO
 

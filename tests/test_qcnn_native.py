@@ -37,7 +37,8 @@ PATHS = fastscan.paths()
 
 def _cpu_flags() -> set[str]:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split(":")[1].split()}
+    return {f for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for f in line.split(":")[1].split()}
 
 
 def test_extension_is_built_and_dispatch_follows_the_cpu():
@@ -54,7 +55,8 @@ def test_extension_is_built_and_dispatch_follows_the_cpu():
                               np.zeros(8, np.float32), path="nope").apply(np.zeros((1, 8), np.float32))
 
 
-@pytest.mark.parametrize("S, Mg, C_out, group", [(1, 5, 70, 1), (9, 4, 32, 1), (6, 3, 12, 3), (25, 1, 4, 4), (2, 7, 33, 1)])
+@pytest.mark.parametrize("S, Mg, C_out, group",
+                         [(1, 5, 70, 1), (9, 4, 32, 1), (6, 3, 12, 3), (25, 1, 4, 4), (2, 7, 33, 1)])
 def test_fastscan4_layout_round_trips(S, Mg, C_out, group):
     rng = np.random.default_rng(S * 100 + C_out)
     codes = rng.integers(0, 16, size=(S, Mg, C_out))
@@ -157,7 +159,10 @@ def test_batch_split_over_threads_gives_the_same_outputs():
     cb = np.random.default_rng(4).normal(size=(4, 16, 4)).astype(np.float32)
     cc = np.random.default_rng(4).integers(0, 16, size=(9, 4, 32))
     xc = np.random.default_rng(4).normal(size=(5, 16, 12, 12)).astype(np.float32)
-    conv = lambda t: fastscan.FastScanConv(cb, cc, np.zeros(32, np.float32), (3, 3), threads=t).apply(xc)
+
+    def conv(t):
+        return fastscan.FastScanConv(cb, cc, np.zeros(32, np.float32), (3, 3), threads=t).apply(xc)
+
     assert np.array_equal(conv(2), conv(1))
 
 
@@ -303,7 +308,8 @@ print(json.dumps({{"package": edge_workers.__file__, "paths": fastscan.paths(),
     assert "_fastscan is not built" in result["native_error"]
     warnings = [line for line in proc.stderr.splitlines() if "native kernels unavailable" in line]
     assert len(warnings) == 1, proc.stderr  # one line, once per process
-    assert warnings[0].startswith("WARNING edge_workers.qcnn.fastscan:") and "edge_workers.qcnn._fastscan" in warnings[0]
+    assert warnings[0].startswith("WARNING edge_workers.qcnn.fastscan:")
+    assert "edge_workers.qcnn._fastscan" in warnings[0]
     assert "C compiler" in warnings[0]
 
 

@@ -15,14 +15,13 @@ from cloud_workers.config import CloudConfig, RayConfig
 from edge_workers.config import EdgeConfig
 from edge_workers.ingest import DrivenSubscriber, Subscriber
 from infra import cluster
-from infra.chaos import ChaosConfig, RssSampler, broker_pid, process_rss, run_chaos
 from infra.bench.loadgen import PublisherPool
+from infra.chaos import ChaosConfig, RssSampler, broker_pid, process_rss, run_chaos
 from infra.collector import ResultCollector
 from publishers import topics
 from publishers.config import PublishConfig
 from publishers.run import build_devices, run_devices
 from tests.conftest import DATA_DIR, collect
-
 
 
 def show(capsys, *lines: str) -> None:
@@ -73,8 +72,8 @@ def test_a_device_resends_frames_whose_result_does_not_come(broker, mqtt_cfg) ->
     """End-to-end at-least-once at the device: an answerer that ignores each frame's first copy still answers all."""
     import threading
 
-    from publishers import results
     from edge_workers.ingest import decode_frame
+    from publishers import results
 
     answerer = Subscriber(mqtt_cfg, "answerer", topics.FRAMES_FILTER, persistent=True).start()
     answerer.wait_subscribed()
@@ -271,7 +270,8 @@ def test_qos1_overload_is_held_in_bounded_queues_and_nothing_is_lost(
          f"= {over_sent / over.seconds:.0f}/s ({over_sent / over.seconds / capacity:.1f}x)",
          f"overload qos1: answered {over_answered} of {over_sent}, backlog drained {drained_s:.1f}s after the "
          f"devices stopped; edge queue max {rss.queue_max}; rss max edge {rss.edge_max / 2**20:.0f} MiB, "
-         f"broker {rss.broker_max / 2**20:.0f} MiB; drops {({k: v for k, v in drops.items() if 'dropped' in k}) or 'none'}")
+         f"broker {rss.broker_max / 2**20:.0f} MiB; "
+         f"drops {({k: v for k, v in drops.items() if 'dropped' in k}) or 'none'}")
     # QoS 1 publishers are held back by their own in-flight window, so they reach less than 3x here
     # (observed 1.5x on a loaded 2-core machine); the figure line shows what was offered.
     assert over_sent / over.seconds >= 1.2 * capacity

@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from publishers import results
 from infra.bench.pipeline_phases import _Answers
 from infra.collector import ResultStats
-from publishers import topics
+from publishers import results, topics
 from publishers.config import PublishConfig
 from publishers.mqtt import MqttConfig
 from publishers.run import build_devices
@@ -36,7 +35,8 @@ def as_object(r: results.Result) -> dict:
 def test_encode_many_is_json_dumps_of_the_objects() -> None:
     rng = np.random.default_rng(0)
     rs = [results.Result("d\u00e9v\"x", int(rng.integers(2**40)), int(rng.integers(10)), float(rng.random()),
-                         "cloud" if i % 2 else "edge", bool(i % 3), float(rng.random() * 100), i % 10 if i % 4 else None)
+                         "cloud" if i % 2 else "edge", bool(i % 3), float(rng.random() * 100),
+                         i % 10 if i % 4 else None)
           for i in range(results.MAX_RESULTS_PER_MESSAGE)]
     for n in (2, 3, 64, results.MAX_RESULTS_PER_MESSAGE):
         assert results.encode_many(rs[:n]) == json.dumps([as_object(r) for r in rs[:n]], separators=(",", ":")).encode()

@@ -534,7 +534,8 @@ def test_add_device_cli_adds_on_the_plugin_and_explains_an_acl_file_broker(dynse
     import sys
 
     def add(secure: Secure, device: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "infra.security", "add-device", str(secure.dir), "--device", device,
+        return subprocess.run([sys.executable, "-m", "infra.security", "add-device", str(secure.dir),
+                               "--device", device,
                                "--broker", f"{secure.broker.host}:{secure.broker.tls_port}",
                                "--tls-ca", str(secure.dir / "ca.pem")],
                               capture_output=True, text=True, timeout=60, check=False)

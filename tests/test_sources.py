@@ -19,7 +19,8 @@ from tests.conftest import DATA_DIR
 
 def test_devices_replay_disjoint_slices_and_loop() -> None:
     data = load_mnist(DATA_DIR, "test")
-    firsts = [[label for _, label in itertools.islice(sources.DatasetSource(data, i, 3).samples(), 4)] for i in range(3)]
+    firsts = [[label for _, label in itertools.islice(sources.DatasetSource(data, i, 3).samples(), 4)]
+              for i in range(3)]
     assert firsts == [data.labels[i::3][:4].tolist() for i in range(3)]
     once = list(sources.DatasetSource(data, 2, 3, loop=False).samples())
     assert len(once) == 1000

@@ -1,4 +1,5 @@
-"""The split planner (edge_workers/split_planner.py) against brute force on synthetic profiles, and the link profiles."""
+"""The split planner (edge_workers/split_planner.py) against brute force on synthetic profiles, and the link
+profiles."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def profiles(draw):
     for k in range(1, n_layers):
         sizes = draw(st.lists(st.integers(1, 40_000), min_size=len(CODECS), max_size=len(CODECS)))
         accs = draw(st.lists(acc, min_size=len(CODECS), max_size=len(CODECS)))
-        cuts.append((k, dict(zip(CODECS, zip(sizes, accs)))))
+        cuts.append((k, dict(zip(CODECS, zip(sizes, accs, strict=True), strict=True))))
     link = LinkProfile("synthetic", draw(st.floats(1e3, 1e10)), draw(st.floats(0.0, 500.0)))
     whole_acc = draw(acc)
     return lower, upper, cuts, link, whole_acc
@@ -52,7 +53,7 @@ def brute_force(lower, upper, cuts, link, whole_acc, objective, floor, budget):
     best = None
     where = [(0, {"raw": (828, whole_acc)})] + cuts + [(len(lower), {"": (0, whole_acc)})]
     for k, per_codec in where:
-        for codec, (size, acc) in per_codec.items():
+        for size, acc in per_codec.values():
             if floor is not None and (acc is None or acc < floor):
                 continue
             if budget is not None and size > budget:
@@ -154,7 +155,7 @@ def test_links_from_config_overrides_and_adds():
 
 def test_brute_force_reference_on_a_hand_counted_case():
     """The reference agrees with costs counted by hand, so the property test compares against something real."""
-    cuts = [(1, {c: (100, 0.99) for c in CODECS})]
+    cuts = [(1, dict.fromkeys(CODECS, (100, 0.99)))]
     slow = LinkProfile("l", 8e5, 0.0)  # 100 B = 1 ms, 828 B = 8.28 ms
     assert brute_force([1.0, 1.0], [1.0, 1.0], cuts, slow, 0.99, "latency", None, None) == (2.0, 0)  # all local
     fast = LinkProfile("f", 8e7, 0.0)  # 828 B = 0.0828 ms

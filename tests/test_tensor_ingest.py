@@ -39,7 +39,8 @@ def test_split():
 
 @pytest.fixture(scope="module")
 def partition(tmp_path_factory):
-    """edge_cnn cut at pool2 and fc1 (codecs float32, float16, int8, pq8 with dsub 4 trained on 2,000 train images, as `edgeq partition --pq`)."""
+    """edge_cnn cut at pool2 and fc1 (codecs float32, float16, int8, pq8 with dsub 4 trained on 2,000 train
+    images, as `edgeq partition --pq`)."""
     out = tmp_path_factory.mktemp("edge_cnn_parts")
     manifest = write_partition(EDGE_CNN, out, ["pool2", "fc1"], CODECS)
     add_pq(manifest, out, _load, load_mnist(DATA_DIR, "train").images[:2000], dsub=4)

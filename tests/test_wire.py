@@ -55,7 +55,7 @@ def raw_frame(
     return header + struct.pack(f"<{len(shape)}I", *shape) + device + payload
 
 
-def assert_rejected(data: bytes, reason: str, match: str, limits: wire.DecodeLimits = wire.DecodeLimits()) -> None:
+def assert_rejected(data: bytes, reason: str, match: str, limits: wire.DecodeLimits = wire.DecodeLimits()) -> None:  # noqa: B008 (frozen dataclass)
     assert reason in wire.DECODE_REASONS
     with pytest.raises(FrameDecodeError, match=match) as err:
         wire.decode(data, limits)

@@ -38,10 +38,10 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_compress(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
     """Handler of `edgeq compress`; prints the report to stdout, progress lines via `progress`."""
-    from modelstore.manifest import update_manifest
     from edge_workers.qcnn.compress import CompressConfig, compress_model
     from edge_workers.qcnn.evaluate import load_calibration, manifest_entry
     from edge_workers.qcnn.export import export_standard
+    from modelstore.manifest import update_manifest
     from publishers.sources import default_data_dir
 
     if not Path(args.input).is_file():

@@ -63,7 +63,7 @@ def pq_node(layer: LinearLayer, pq: PQWeights, codebook_dtype: str, prefix: str,
     inits = [numpy_helper.from_array(pq.codebook.astype(codebook_dtype), f"{n}.codebook"),
              numpy_helper.from_array(packed, f"{n}.codes"),
              numpy_helper.from_array(pq.bias.astype(codebook_dtype), f"{n}.bias")]
-    attrs = dict(M=pq.M, K=pq.K, dsub=pq.dsub, nbits=pq.nbits, num_codes=int(pq.codes.size))
+    attrs = {"M": pq.M, "K": pq.K, "dsub": pq.dsub, "nbits": pq.nbits, "num_codes": int(pq.codes.size)}
     if layout:  # absent means bitstream, so files without fastscan4 nodes stay readable as format 1
         attrs["codes_layout"] = layout
     if layer.kind == "conv":

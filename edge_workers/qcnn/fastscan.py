@@ -28,15 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from edge_workers.qcnn import kernels
-from publishers.errors import EdgeqError
+from edge_workers.qcnn.pq import FASTSCAN_BLOCK as BLOCK  # noqa: F401 (re-exported: the kernel's code layout)
+from edge_workers.qcnn.pq import FASTSCAN_MAX_K as MAX_K
 from edge_workers.qcnn.pq import (  # noqa: F401 (re-exported: the kernel's code layout)
-    FASTSCAN_BLOCK as BLOCK,
-    FASTSCAN_MAX_K as MAX_K,
     fastscan4_bytes,
     pack_fastscan4,
     padded_subspaces,
     unpack_fastscan4,
 )
+from publishers.errors import EdgeqError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _split(run, x: np.ndarray, y: np.ndarray, threads: int) -> None:
     if pool is None:
         pool = _pools[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="edgeq-fastscan")
     bounds = [len(x) * i // parts for i in range(parts + 1)]
-    futures = [pool.submit(run, x[a:b], y[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+    futures = [pool.submit(run, x[a:b], y[a:b]) for a, b in zip(bounds[1:-1], bounds[2:], strict=False)]
     run(x[:bounds[1]], y[:bounds[1]])
     for f in futures:
         f.result()

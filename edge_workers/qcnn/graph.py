@@ -154,7 +154,8 @@ def _conv_layer(node, inits, bn):
                                  f"got weight shape {list(w.shape)}")
     if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
         raise _unsupported(node, f"auto_pad={a['auto_pad']!r} unsupported; use explicit pads")
-    b = _const(node, inits, node.input[2], "bias") if len(node.input) > 2 and node.input[2] else np.zeros(len(w), np.float32)
+    b = (_const(node, inits, node.input[2], "bias") if len(node.input) > 2 and node.input[2]
+         else np.zeros(len(w), np.float32))
     name = node.name or node.output[0]
     layer = LinearLayer(name, "conv", node.input[0], node.output[0], w, b,
                         strides=_ints(a.get("strides"), 2, 1), pads=_ints(a.get("pads"), 4, 0),

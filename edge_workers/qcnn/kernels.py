@@ -183,7 +183,8 @@ def _fc_parallel(x, codebook, codes_t, bias, block):
 
 @njit(cache=True, fastmath=True)
 def _conv_lut(xn, codebook, pt, pl, pb, pr, lut):
-    """lut float32 flat [M, K, H+pt+pb, W+pl+pr] (+ slack), zero border: <x[m*dsub:(m+1)*dsub, h, w], codebook[m, k]>."""
+    """lut float32 flat [M, K, H+pt+pb, W+pl+pr] (+ slack), zero border:
+    <x[m*dsub:(m+1)*dsub, h, w], codebook[m, k]>."""
     H, W = xn.shape[1:]
     M, K, dsub = codebook.shape
     Wp = W + pl + pr

@@ -69,14 +69,14 @@ def _prepare(op_type: str, codebook: np.ndarray, packed: np.ndarray, bias: np.nd
 
 
 @onnx_op(op_type="PQGemm", inputs=_INPUTS, outputs=[PyCustomOpDef.dt_float],
-         attrs={k: _INT for k in COMMON_ATTRS + GEMM_ATTRS + _RUNTIME_ATTRS})
+         attrs=dict.fromkeys(COMMON_ATTRS + GEMM_ATTRS + _RUNTIME_ATTRS, _INT))
 def pq_gemm_op(x, codebook, codes, bias, **a):
     """x float32 [N, in_features] -> float32 [N, out_features]."""
     return _layer("PQGemm", codebook, codes, bias, a).apply(x)
 
 
 @onnx_op(op_type="PQConv", inputs=_INPUTS, outputs=[PyCustomOpDef.dt_float],
-         attrs={k: _INT for k in COMMON_ATTRS + CONV_ATTRS + _RUNTIME_ATTRS})
+         attrs=dict.fromkeys(COMMON_ATTRS + CONV_ATTRS + _RUNTIME_ATTRS, _INT))
 def pq_conv_op(x, codebook, codes, bias, **a):
     """x float32 [N, in_channels, H, W] -> float32 [N, out_channels, OH, OW]."""
     return _layer("PQConv", codebook, codes, bias, a).apply(x)

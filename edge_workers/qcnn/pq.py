@@ -66,7 +66,8 @@ def padded_subspaces(n: int) -> int:
 
 
 def pack_fastscan4(codes: np.ndarray, group: int = 1) -> np.ndarray:
-    """codes int [S, M_g, C_out] in [0, 16) -> uint8 [group, ceil(C_out/group/32), Mp, 16] (layout: docs/qcnn-format.md)."""
+    """codes int [S, M_g, C_out] in [0, 16) -> uint8 [group, ceil(C_out/group/32), Mp, 16]
+    (layout: docs/qcnn-format.md)."""
     codes = np.asarray(codes)
     if codes.ndim != 3 or codes.shape[2] % group:
         raise ValueError(f"expected codes [S, M_g, C_out] with group={group} dividing C_out, got {codes.shape}")
@@ -161,7 +162,9 @@ class PQWeights:
 
     def rounded(self, dtype: str) -> PQWeights:
         """Copy with codebook and bias rounded to `dtype` storage precision ("float16" or "float32")."""
-        cast = lambda a: a.astype(dtype).astype(np.float32)
+        def cast(a: np.ndarray) -> np.ndarray:
+            return a.astype(dtype).astype(np.float32)
+
         return PQWeights(cast(self.codebook), self.codes.copy(), cast(self.bias), self.group)
 
 

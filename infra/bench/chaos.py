@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Progress = Callable[[str], None]
 OUT_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"

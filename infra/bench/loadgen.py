@@ -126,7 +126,8 @@ def _publisher_main(conn, mqtt_cfg, pub_cfg, indices: list[int], cpus=None) -> N
                               np.random.default_rng(seeds[i])) for i in indices]
             t0 = time.monotonic()
             out: list = []
-            runner = threading.Thread(target=lambda: out.append(run_devices(devices)), daemon=True)
+            runner = threading.Thread(target=lambda out=out, devices=devices: out.append(run_devices(devices)),
+                                      daemon=True)
             runner.start()
             counts = []
             for at in cmd["window"]:  # count the frames generated between these two instants (s after start)
@@ -159,7 +160,7 @@ class PublisherPool:
             p.start()
             self._conns.append(parent)
             self._procs.append(p)
-        for j, (c, p) in enumerate(zip(self._conns, self._procs)):
+        for j, (c, p) in enumerate(zip(self._conns, self._procs, strict=True)):
             _reply(c, p, f"publisher process {j} start")
 
     @property
@@ -176,7 +177,7 @@ class PublisherPool:
             c.send({"prefix": prefix, "rate_hz": per_device, "duration_s": duration_s,
                     "window": (warmup_s, duration_s)})
         outs = [_reply(c, p, f"publisher process {j} phase {prefix}", duration_s + REPLY_TIMEOUT_S)
-                for j, (c, p) in enumerate(zip(self._conns, self._procs))]
+                for j, (c, p) in enumerate(zip(self._conns, self._procs, strict=True))]
         return PhaseReport(*(sum(o[k] for o in outs) for k in ("sent", "acked", "bytes_sent", "dropped")),
                            seconds=max(o["seconds"] for o in outs),
                            window_frames=sum(o["window_frames"] for o in outs))
@@ -219,7 +220,10 @@ def _sink_main(conn, mqtt_cfg, topic_filter: str, client_id: str, frames: bool, 
         client.on_subscribe = lambda *a: subscribed.set()
         client.on_message = lambda c, u, msg: record(msg.payload)
         mqttlib.start(client, mqtt_cfg)
-        stop = lambda: (client.disconnect(), client.loop_stop())
+
+        def stop() -> None:
+            client.disconnect()
+            client.loop_stop()
     else:  # edgeq's results consumer: the edge's own reader (see _results_reader), so it takes less CPU
         stop = _results_reader(mqtt_cfg, topic_filter, client_id, record, subscribed)
     conn.send("ready" if subscribed.wait(30) else {"error": f"not subscribed to {topic_filter} after 30s"})
@@ -392,7 +396,7 @@ class ProcessTree:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
-    def start(self) -> "ProcessTree":
+    def start(self) -> ProcessTree:
         self._sample()  # baseline: processes alive now count from here; later ones from 0
         self._baseline = False
         self._thread.start()

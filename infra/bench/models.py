@@ -15,7 +15,8 @@ OUTPUT_NAME = "logits"
 OPSET = 17
 
 
-def build_wide_fc(path: str | Path, d_in: int = 4096, d_out: int = 4096, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def build_wide_fc(path: str | Path, d_in: int = 4096, d_out: int = 4096,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Write a one-layer ONNX model ``logits = input @ W.T + b`` (a Gemm) to `path`.
 
     Weights are random (seeded), N(0, 1/d_in), bias N(0, 0.01); the input is
@@ -84,7 +85,8 @@ def calibration_reader(input_name: str, x: np.ndarray, batch: int = 32):
     return ArrayReader()
 
 
-def quantize_int8_qdq(in_path: str | Path, out_path: str | Path, calib: np.ndarray, reduce_range: bool | None = None) -> dict:
+def quantize_int8_qdq(in_path: str | Path, out_path: str | Path, calib: np.ndarray,
+                      reduce_range: bool | None = None) -> dict:
     """onnxruntime static int8 quantization in QDQ format with per-channel weights; writes `out_path`.
 
     calib: float32 [N, *input_shape], calibration inputs (never the held-out split).

@@ -27,12 +27,12 @@ import datetime
 import json
 import logging
 import os
-import subprocess
 import shlex
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -118,7 +118,7 @@ def _run_phases(mode: str, result: ModeResult, cfg: PipelineBenchConfig, rates: 
     find_saturation(mode, result, cfg, run_one, progress)
     if rates is None:
         rates = [f * result.saturation for f in cfg.loads]
-    for fraction, offered in zip(cfg.loads, rates):
+    for fraction, offered in zip(cfg.loads, rates, strict=True):
         if offered <= 0:
             continue
         p = run_one(load_name(fraction), offered, cfg.duration_s)
@@ -351,7 +351,6 @@ def config_from_args(args: argparse.Namespace) -> PipelineBenchConfig:
 
 def run(args: argparse.Namespace, progress: Progress) -> str:
     from infra.bench import pipeline_report
-
     from infra.bench.loadgen import pin_plan
 
     cfg = config_from_args(args)

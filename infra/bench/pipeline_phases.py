@@ -13,8 +13,8 @@ import collections
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class _Answers:
     def add(self, arrival_ns: np.ndarray, payloads: list, nbytes: int) -> int:
         """Count a batch from the sink; returns the messages taken."""
         self.bytes += nbytes
-        for t, payload in zip(arrival_ns.tolist(), payloads):
+        for t, payload in zip(arrival_ns.tolist(), payloads, strict=True):
             self.messages += 1
             try:
                 rs = self._decode(payload)
@@ -133,7 +133,7 @@ def _wait_quiet(take: Callable[[], int], done: Callable[[], bool], timeout: floa
 
 def _roles(pool, sinks: dict[int, str]) -> dict[int, str]:
     """Process groups known by pid: this driver, the publisher processes, the sinks."""
-    return {os.getpid(): "driver", **{pid: "publishers" for pid in pool.pids}, **sinks}
+    return {os.getpid(): "driver", **dict.fromkeys(pool.pids, "publishers"), **sinks}
 
 
 def _edge_counts(edge) -> collections.Counter:

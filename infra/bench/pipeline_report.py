@@ -86,7 +86,8 @@ def tables(modes: dict[str, ModeResult], cfg: PipelineBenchConfig) -> list[Table
                   "peak RSS MiB", "B/frame device->edge", "B/frame edge->cloud", "B/frame results",
                   "accuracy", "answered at edge"],
                  note=f"Sustained frames/s: frames captured and answered (ceiling: received) per second in the "
-                      f"probe of the saturation search that carried the most while answers kept up (>= {cfg.sustain:.0%} of the "
+                      f"probe of the saturation search that carried the most while answers kept up "
+                      f"(>= {cfg.sustain:.0%} of the "
                       f"frames captured, p99 <= {cfg.max_p99_ms:g} ms). CPU and memory: broker, Ray, edge and cloud "
                       "actors (ceiling: broker and subscribers), not the publishers or the results consumer. Bytes "
                       "and accuracy: every phase of the mode.")
@@ -123,7 +124,7 @@ def plot(path: Path, modes: dict[str, ModeResult]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, colour in zip(MODES, ("tab:grey", "tab:blue", "tab:red")):
+    for mode, colour in zip(MODES, ("tab:grey", "tab:blue", "tab:red"), strict=True):
         pts = sorted((p for p in modes[mode].probes + modes[mode].phases if len(p.latency_ms)),
                      key=lambda p: p.offered)
         x = [p.offered for p in pts]
@@ -151,7 +152,8 @@ def write(out_dir: Path, modes: dict[str, ModeResult], cfg: PipelineBenchConfig,
         f"MNIST test split replayed.",
         f"Saturation search per mode: probes of {cfg.probe_s:g} s from {cfg.start_rate:g} frames/s, doubling "
         f"until one is not sustained, then {cfg.bisect} geometric bisection probe(s); the `saturation` row is the "
-        f"sustained probe with the highest throughput. Then {', '.join(load_name(f) for f in cfg.loads)} of edgeq's sustained rate "
+        f"sustained probe with the highest throughput. Then {', '.join(load_name(f) for f in cfg.loads)} "
+        f"of edgeq's sustained rate "
         f"for {cfg.duration_s:g} s each. The first {cfg.warmup_s:g} s of each phase are left out of rates and "
         "latencies. edgeq runs first (its rate sets the loads), then cloud-only, then the ceiling after Ray is "
         "shut down. The plot has every probe and load phase.",

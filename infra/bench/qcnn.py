@@ -22,9 +22,9 @@ import os
 import shlex
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -91,10 +91,10 @@ class QcnnBenchConfig:
     seed: int = 0
 
     @classmethod
-    def quick(cls, **kw) -> "QcnnBenchConfig":
+    def quick(cls, **kw) -> QcnnBenchConfig:
         """Few repeats, small calibration and sweep, a 256-wide FC: for tests and CI."""
-        base = dict(repeats=10, max_seconds=0.5, calib_images=64, eval_images=1000, wide_dim=256, wide_eval=64,
-                    sweep_k=(8, 32), sweep_dsub=(8,), frontier=False, profile_repeats=5)
+        base = {"repeats": 10, "max_seconds": 0.5, "calib_images": 64, "eval_images": 1000, "wide_dim": 256,
+                "wide_eval": 64, "sweep_k": (8, 32), "sweep_dsub": (8,), "frontier": False, "profile_repeats": 5}
         base.update(kw)
         return cls(**base)
 
@@ -136,12 +136,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", help=f"where to write qcnn.md and qcnn_sweep.png (default {d.out_dir})")
     p.add_argument("--data-dir", help=f"MNIST IDX directory (default {d.data_dir})")
     p.add_argument("--model", help=f"reference edge CNN (default {d.model})")
-    p.add_argument("--calib-images", type=int, help=f"train images for calibration (default {d.calib_images}, quick 64)")
+    p.add_argument("--calib-images", type=int,
+                   help=f"train images for calibration (default {d.calib_images}, quick 64)")
     p.add_argument("--skip-sweep", action="store_true", help="skip the K x dsub sweep and its plot")
     p.add_argument("--sweep-k", type=_ints, help=f"comma-separated K values (default {_csv(d.sweep_k)})")
     p.add_argument("--sweep-dsub", type=_ints, help=f"comma-separated dsub values (default {_csv(d.sweep_dsub)})")
     p.add_argument("--wide-dim", type=int, help=f"the wide FC layer is D -> D (default {d.wide_dim}, quick 256)")
-    p.add_argument("--seed", type=int, help=f"seed for calibration sampling, random models and k-means (default {d.seed})")
+    p.add_argument("--seed", type=int,
+                   help=f"seed for calibration sampling, random models and k-means (default {d.seed})")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -270,8 +272,8 @@ def time_variants(case: Case, cfg: QcnnBenchConfig, progress: Progress) -> None:
 
 
 def make_cases(cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[Case]:
-    from modelstore.interface import to_input
     from infra.bench.models import build_wide_fc
+    from modelstore.interface import to_input
     from publishers.datasets import load_mnist
 
     rng = np.random.default_rng(cfg.seed)
@@ -289,7 +291,8 @@ def make_cases(cfg: QcnnBenchConfig, tmp: Path, progress: Progress) -> list[Case
     build_wide_fc(wide_path, cfg.wide_dim, cfg.wide_dim, seed=cfg.seed)
     d = cfg.wide_dim
     # At least 2 D calibration inputs: EC's least squares over D input dims needs more rows than D.
-    wide = Case(f"wide FC {d}->{d}", wide_path, rng.standard_normal((max(cfg.calib_images, 2 * d), d), dtype=np.float32),
+    wide = Case(f"wide FC {d}->{d}", wide_path,
+                rng.standard_normal((max(cfg.calib_images, 2 * d), d), dtype=np.float32),
                 rng.standard_normal((cfg.wide_eval, d), dtype=np.float32), None,
                 qcnn_overrides={"last_fc": "pq", "fc_k": 16})  # its only layer is the last FC: quantize it too;
     # K = 16: 4-bit codes, the fast-scan kernels' format (the issue's 4096 -> 4096, K = 16 layer)

@@ -1,4 +1,5 @@
-"""Per-layer time of `edgeq bench qcnn`: the native net's layers (C timers) and onnxruntime's float nodes (its profiler)."""
+"""Per-layer time of `edgeq bench qcnn`: the native net's layers (C timers) and onnxruntime's float nodes
+(its profiler)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def describe(layer: tuple, fused_pool: bool) -> str:
     """A native net layer (kind, sizes, arrays[, relu]) as text, e.g. 'conv 1->16 5x5 +relu +pool'."""
     from edge_workers.qcnn.native_net import GEOMETRY
 
-    kind, g = layer[0], dict(zip(GEOMETRY, layer[1]))
+    kind, g = layer[0], dict(zip(GEOMETRY, layer[1], strict=True))
     name = KIND_NAMES.get(kind, str(kind))
     if kind in (1, 2):
         name += f" {g['C']}->{g['C_out']} {g['kh']}x{g['kw']}"

@@ -1,4 +1,5 @@
-"""Tables of `edgeq bench qcnn`: targets, native vs onnxruntime ratios, size, latency, per-layer errors, the wide-FC note."""
+"""Tables of `edgeq bench qcnn`: targets, native vs onnxruntime ratios, size, latency, per-layer errors,
+the wide-FC note."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def wide_note(case) -> str:
         return text + (f"On this random layer EC overfits: it lowers the response error on the calibration inputs "
                        f"({ly['response_error_kmeans']:.4f} -> {ly['response_error_ec']:.4f}, per-layer table) but the "
                        f"held-out output error is worse than plain k-means ({err_ec:.4f} vs {err_km:.4f}). With "
-                       f"random weights and random inputs there is no structure for PQ or EC to exploit, so what EC fits to the "
+                       f"random weights and random inputs there is no structure for PQ or EC to exploit, "
+                       f"so what EC fits to the "
                        f"{len(case.calib)} calibration rows (every code and codeword of {ly['M']} subspaces) does not "
                        "carry over to new inputs; the edge CNN rows are the meaningful accuracy test.")
     return text + f"EC's held-out output error {err_ec:.4f} vs k-means {err_km:.4f}."

@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 # Packages whose versions a result depends on; missing ones are reported as "not installed".
 VERSIONED = ("onnxruntime", "numpy", "onnx", "numba", "onnxruntime-extensions")
@@ -35,7 +35,8 @@ class Table:
         right = [_numeric_column([r[i] for r in cells[1:]]) for i in range(len(self.headers))]
         lines = [self.title]
         for j, row in enumerate(cells):
-            lines.append("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip())
+            lines.append("  ".join(c.rjust(w) if r else c.ljust(w)
+                                   for c, w, r in zip(row, widths, right, strict=True)).rstrip())
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
         if self.note:

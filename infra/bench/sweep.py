@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from infra.bench.report import Table
 
@@ -60,7 +60,7 @@ def plot_sweep(
             ax.plot(xs, ys, "-o" if ec else "--s", color=colors[i % len(colors)], alpha=1.0 if ec else 0.6,
                     label=f"dsub={dsub}, {'EC' if ec else 'k-means'}")
             if ec:
-                for x, y, p in zip(xs, ys, line):
+                for x, y, p in zip(xs, ys, line, strict=True):
                     ax.annotate(f"K={p.k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for j, (name, ratio, acc) in enumerate(r for r in refs if not r[0].startswith("Q-CNN")):
         ax.plot([ratio], [100 * acc], marker="*^"[j % 2], markersize=11, linestyle="none", color="black",
@@ -125,7 +125,7 @@ def plot_frontier(path: str | Path, points: Sequence[FrontierPoint], float_bytes
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     xs = [float_bytes / p.file_bytes for p in points]
     ax.plot(xs, [100 * p.accuracy for p in points], "o", color="tab:blue")
-    for x, p in zip(xs, points):
+    for x, p in zip(xs, points, strict=True):
         ax.annotate(p.name, (x, 100 * p.accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = pareto(points)
     ax.plot([float_bytes / p.file_bytes for p in front], [100 * p.accuracy for p in front], "-", color="tab:blue",
