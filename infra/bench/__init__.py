@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {

@@ -1,4 +1,4 @@
-"""Emulated links for benchmarks: an in-process TCP proxy on 127.0.0.1 pacing bytes at a rate and delaying them, both ways.
+"""Emulated links for benchmarks: an in-process TCP proxy on 127.0.0.1 pacing and delaying bytes, both ways.
 
 ``EmulatedLink(rate_bps, delay_s, upstream)`` listens on a free loopback port and forwards every
 connection to ``upstream`` (a broker). Each direction is a serializer followed by a fixed delay,
@@ -6,7 +6,8 @@ the model of one link: a chunk read at time t leaves the serializer at
 ``dep = max(t, previous dep) + 8 * len / rate_bps`` and is written out at ``dep + delay_s``. Chunks are
 cut into quanta of about 2 ms of serialization (at least 1,500 bytes), so a large write trickles
 out at the rate instead of arriving whole. asyncio's timers round up to whole milliseconds, so the
-writer sleeps the last millisecond of each wait with ``time.sleep`` (blocking the loop that long). The serializer's queue is bounded
+writer sleeps the last millisecond of each wait with ``time.sleep`` (blocking the loop that long).
+The serializer's queue is bounded
 (``buffer_bytes``): past it the proxy stops reading, and TCP pushes back on the sender; nothing is
 dropped. ``set(rate_bps, delay_s)`` changes the link mid-stream (later bytes only). The event loop
 runs in one daemon thread; ``check_link`` measures a link against a timed transfer and echo.
@@ -97,7 +98,8 @@ class _Direction:
                     time.sleep(rest)  # noqa: ASYNC251  (on purpose, at most _SPIN_S)
                 if not data:
                     break
-                setattr(self.link, self.counter, getattr(self.link, self.counter) + len(data))  # before the peer can see it
+                # Counted before the peer can see the bytes.
+                setattr(self.link, self.counter, getattr(self.link, self.counter) + len(data))
                 self.writer.write(data)
                 await self.writer.drain()
         except (ConnectionError, OSError):
@@ -285,7 +287,10 @@ def check_link(spec: LinkSpec, transfer_s: float = 2.0, pings: int = 20, echo_by
         with EmulatedLink.from_spec(spec, server.address) as link, \
                 socket.create_connection(link.address, timeout=transfer_s * 3 + 10) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            serial = lambda n: 8 * n / spec.rate_bps
+
+            def serial(n: int) -> float:
+                return 8 * n / spec.rate_bps
+
             rtts = []
             for _ in range(pings):
                 t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`edgeq bench partition` results: the per-mode record, the issue's targets, tables and plots for docs/results/partition.md."""
+"""`edgeq bench partition` results: per-mode records, the targets, tables and plots for docs/results/partition.md."""
 
 from __future__ import annotations
 
