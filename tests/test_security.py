@@ -65,8 +65,8 @@ ACCOUNTS = (*DEVICES, *security.SERVICE_ACCOUNTS, security.ADMIN_ACCOUNT)
 
 
 def _secure(auth: str) -> Iterator[Secure]:
-    if auth == "dynsec" and security.find_dynsec_plugin() is None:
-        pytest.skip(f"no {security.DYNSEC_PLUGIN} on this host (Debian's mosquitto package ships it)")
+    if auth == "dynsec":  # scripts/setup.sh installs Debian's mosquitto, which ships the plugin
+        assert security.find_dynsec_plugin() is not None, f"no {security.DYNSEC_PLUGIN} on this host"
     passwords = {u: secrets.token_urlsafe(16) for u in ACCOUNTS}
     # Under /tmp, not pytest's tmp_path: Mosquitto drops root and must reach these files.
     workdir = Path(tempfile.mkdtemp(prefix="edgeq-mosquitto-"))
@@ -456,8 +456,7 @@ def test_launcher_falls_back_to_acl_file_without_the_plugin(monkeypatch, caplog)
 
 
 def test_launcher_refuses_a_dynsec_file_mosquitto_cannot_rewrite_or_read() -> None:
-    if security.find_dynsec_plugin() is None:
-        pytest.skip(f"no {security.DYNSEC_PLUGIN}")
+    assert security.find_dynsec_plugin() is not None, f"no {security.DYNSEC_PLUGIN} on this host"
     workdir = Path(tempfile.mkdtemp(prefix="edgeq-mosquitto-"))
     d = workdir / "security"
     security.init(d, ["devA0"], days=1)
@@ -491,8 +490,7 @@ def test_prod_configs_differ_only_in_their_auth_lines() -> None:
 
 def test_dynsec_password_is_the_hash_mosquitto_ctrl_writes(tmp_path: Path) -> None:
     ctrl = shutil.which("mosquitto_ctrl")
-    if ctrl is None:
-        pytest.skip("mosquitto_ctrl not installed (package mosquitto-clients)")
+    assert ctrl is not None, "mosquitto_ctrl not installed (package mosquitto-clients, scripts/setup.sh installs it)"
     path = tmp_path / "ref.json"
     subprocess.run([ctrl, "dynsec", "init", str(path), "admin", "s3cret-pw"], check=True, capture_output=True)
     ref = json.loads(path.read_text())["clients"][0]
