@@ -144,20 +144,7 @@ class TailMixin:
     def infer_tensors_and_answer(self, payloads: list[bytes], frames: list, mqtt_cfg, answer_by_ns: int):
         """`infer_tensors`, then publish the results to the frames' devices (tier `cloud`) as
         `CloudWorker.infer_and_answer` does: (classes, confidence, published or None)."""
-        from edge_workers.answers import device_messages
-
         classes, conf = self.infer_tensors(payloads)
         if len(frames) != len(payloads):
             raise ValueError(f"{len(payloads)} tensor frames to answer, {len(frames)} frame references")
-        now_ns = time.time_ns()
-        if now_ns >= answer_by_ns:
-            self.counts["answers_late"] += 1
-            return classes, conf, None
-        messages, latencies = device_messages(frames, classes, conf, "cloud", False, now_ns)
-        # Written to the connection, not waiting for the PUBACK (paho re-sends it after a reconnect), as
-        # infer_and_answer does since a3400e7.
-        if not self._publisher(mqtt_cfg).publish([(topic, payload) for topic, payload, _ in messages]):
-            self.counts["answers_not_published"] += 1
-            return classes, conf, None
-        self.counts["answers_published"] += len(payloads)
-        return classes, conf, (latencies, sum(len(payload) for _, payload, _ in messages))
+        return classes, conf, self._answer_devices(frames, classes, conf, mqtt_cfg, answer_by_ns)

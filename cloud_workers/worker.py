@@ -136,16 +136,21 @@ class CloudWorker(LearningMixin, TailMixin):
         classes, conf = self.infer(codec, codes, n)
         if len(frames) != n:
             raise ValueError(f"{n} frames to answer, {len(frames)} frame references")
+        return classes, conf, self._answer_devices(frames, classes, conf, mqtt_cfg, answer_by_ns)
+
+    def _answer_devices(self, frames: list, classes, conf, mqtt_cfg, answer_by_ns: int):
+        """Publish the frames' results (tier `cloud`) unless it is past `answer_by_ns`: (latency ms of each
+        frame, payload bytes) once every message was written to the connection, else None."""
         now_ns = time.time_ns()
         if now_ns >= answer_by_ns:
             self.counts["answers_late"] += 1
-            return classes, conf, None
+            return None
         messages, latencies = device_messages(frames, classes, conf, "cloud", False, now_ns)
         if not self._publisher(mqtt_cfg).publish([(topic, payload) for topic, payload, _ in messages]):
             self.counts["answers_not_published"] += 1
-            return classes, conf, None
-        self.counts["answers_published"] += n
-        return classes, conf, (latencies, sum(len(payload) for _, payload, _ in messages))
+            return None
+        self.counts["answers_published"] += len(frames)
+        return latencies, sum(len(payload) for _, payload, _ in messages)
 
     def stats(self) -> dict:
         return dict(self.counts)
